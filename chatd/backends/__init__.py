@@ -1,0 +1,1 @@
+"""Backends: where rooms, presence, history and account state live (embedded or Redis)."""
