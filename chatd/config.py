@@ -328,10 +328,10 @@ def validate(c: Config) -> None:
     if not s.path.startswith("/"):
         raise ConfigError("server.path", "must start with /")
     for i, origin in enumerate(s.allowed_origins):
-        if not re.match(r"^https?://[^/\s]+$", origin):
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             raise ConfigError(
                 f"server.allowed_origins[{i}]",
-                f"must be an origin like https://chat.example.com, got {origin!r}",
+                f"must be an origin like https://chat.example.com (or *), got {origin!r}",
             )
     for key, value, minimum in (
         ("server.max_connections", s.max_connections, 1),

@@ -24,10 +24,12 @@ class ConfigError(ChatdError):
 class CommandError(ChatdError):
     """A command that cannot be carried out: answered with an ``error`` frame, socket stays open."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: The ``ref`` of the command that failed, echoed in the error frame.
+        self.ref = ref
 
 
 class BackendUnavailable(CommandError):
