@@ -59,6 +59,7 @@ class KeySpec:
     secret_file: str = ""
     public_key_file: str = ""
     private_key_file: str = ""
+    jwks_file: str = ""
     signing: bool = False
 
 

@@ -81,11 +81,20 @@ class Connection:
         self.write(text_frame(payload))
 
     def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake once; later writes are dropped."""
+        """Start the closing handshake once (from sync code); later writes are dropped."""
+        if self._mark_closing(code):
+            asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+    async def close_now(self, code: int, reason: str) -> None:
+        """Close and wait for the closing handshake (from the connection's own handler)."""
+        if self._mark_closing(code):
+            await self.ws.close(code, reason)
+
+    def _mark_closing(self, code: int) -> bool:
         if self.closing:
-            return
+            return False
         self.closing = True
         if self.expiry is not None:
             self.expiry.cancel()
         self.on_close(code)
-        asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+        return True

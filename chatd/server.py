@@ -139,6 +139,7 @@ class Node:
         with contextlib.suppress(ChatdError):
             await self.backend.presence.drain()
         await self.backend.broker.close()
+        self.accounts.passwords.close()
         log.info("stopped")
 
     # -- HTTP and handshake ------------------------------------------------------------------
@@ -188,7 +189,9 @@ class Node:
             async for data in ws:
                 await self.dispatch(conn, data)
         except CloseConnection as exc:
-            conn.close(exc.code, exc.reason)
+            # Close here, not in a task: when the handler returns, websockets would close first
+            # with 1000 and the client would never see why.
+            await conn.close_now(exc.code, exc.reason)
             if isinstance(exc, AuthError):
                 log.info("auth refused", extra={"f": {"conn": conn.conn_id, "addr": addr,
                                                       "reason": exc.reason}})
@@ -252,12 +255,14 @@ class Node:
     async def dispatch(self, conn: Connection, data: str | bytes) -> None:
         """Run one frame of a ready connection; every failure becomes an answer or a close."""
         self.metrics.messages_in.inc()
+        cmd: protocol.Command | None = None
         try:
             cmd = conn.session.receive(data)
             await HANDLERS[cmd.type](self, conn, cmd)
         except CommandError as exc:
             self.metrics.errors.labels(exc.code.value).inc()
-            conn.send(protocol.error(exc.code, exc.message, exc.ref))
+            ref = exc.ref if exc.ref is not None or cmd is None else cmd.ref
+            conn.send(protocol.error(exc.code, exc.message, ref))
         except (CloseConnection, ConnectionClosed):
             raise
         except Exception:
@@ -265,7 +270,8 @@ class Node:
             log.exception("internal error", extra={"f": {"incident": incident,
                                                          "conn": conn.conn_id}})
             self.metrics.errors.labels("internal").inc()
-            conn.send(protocol.error(ErrorCode.INTERNAL, f"internal error (incident {incident})"))
+            conn.send(protocol.error(ErrorCode.INTERNAL, f"internal error (incident {incident})",
+                                     cmd.ref if cmd is not None else None))
 
     async def leave_room(self, conn: Connection, room: str) -> None:
         """Undo a join: local registry, subscription reference, presence (never raises)."""
