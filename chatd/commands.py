@@ -6,6 +6,7 @@ and leave no half-done state behind: a join that fails is rolled back.
 """
 
 from __future__ import annotations
+
 from typing import TYPE_CHECKING
 
 from chatd import protocol

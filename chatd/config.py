@@ -7,6 +7,7 @@ here with a message naming the key (``limits.max_frame_bytes: must be an integer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -205,10 +206,8 @@ def _convert(value: object, tp: Any, key: str) -> object:
         return value
     if tp is float:
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"must be a number, got {value!r}")
         return float(value)
@@ -253,7 +252,7 @@ _SECTIONS = ("server", "auth", "limits", "history", "presence", "redis", "metric
 
 
 def default_state_dir(env: Mapping[str, str]) -> str:
-    """``$XDG_STATE_HOME/chatd``, else ``~/.local/state/chatd`` (CHATD_STATE_DIR is applied later)."""
+    """``$XDG_STATE_HOME/chatd``, else ``~/.local/state/chatd`` (CHATD_STATE_DIR comes later)."""
     xdg = env.get("XDG_STATE_HOME")
     base = Path(xdg) if xdg else Path(env.get("HOME", str(Path.home()))) / ".local" / "state"
     return str(base / "chatd")
@@ -372,12 +371,14 @@ def validate(c: Config) -> None:
     if c.redis.url and not re.match(r"^(redis|rediss|unix)://", c.redis.url):
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
     if c.log.level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log.level", f"must be debug, info, warning or error, got {c.log.level!r}")
+        raise ConfigError("log.level",
+                          f"must be debug, info, warning or error, got {c.log.level!r}")
     for i, net in enumerate(c.metrics.allow):
         try:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
-            raise ConfigError(f"metrics.allow[{i}]", f"not an address or network: {net!r}") from None
+            raise ConfigError(f"metrics.allow[{i}]",
+                              f"not an address or network: {net!r}") from None
     if c.jwt_secret and len(c.jwt_secret.encode()) < 32:
         raise ConfigError("CHATD_JWT_SECRET", "must be at least 32 bytes")
     kids = [k.kid for k in a.keys]

@@ -31,8 +31,8 @@ class Metrics:
                                    registry=r)
         self.messages_out = Counter("chatd_messages_out", "Messages published by this node",
                                     registry=r)
-        self.deliveries = Counter("chatd_deliveries", "Frames delivered to local sockets by fan-out",
-                                  registry=r)
+        self.deliveries = Counter("chatd_deliveries",
+                                  "Frames delivered to local sockets by fan-out", registry=r)
         self.auth_failures = Counter("chatd_auth_failures", "Refused credentials", ["reason"],
                                      registry=r)
         self.closes = Counter("chatd_closes", "Connections closed by the server, by code",

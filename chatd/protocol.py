@@ -84,7 +84,7 @@ def _text(obj: Mapping[str, Any], max_chars: int) -> str:
     return value
 
 
-def _target(obj: Mapping[str, Any], other: str) -> dict[str, str]:
+def _target(obj: Mapping[str, Any], other: str) -> dict[str, Any]:
     """Exactly one of ``room`` or ``other`` (``to`` / ``with``)."""
     has_room, has_other = "room" in obj, other in obj
     if has_room == has_other:

@@ -145,6 +145,8 @@ async def heartbeat(notifier: Notifier, status: Callable[[], str], every: float 
     period = min(every, wd) if wd else every
     last = None
     while True:
+        # First wait: the caller has just announced itself (READY=1 with its STATUS=).
+        await asyncio.sleep(period)  # a period, not a synchronisation
         text = status()
         fields: tuple[str, ...] = ("WATCHDOG=1",) if wd else ()
         if text != last:
@@ -152,7 +154,6 @@ async def heartbeat(notifier: Notifier, status: Callable[[], str], every: float 
             last = text
         if fields:
             notifier.notify(*fields)
-        await asyncio.sleep(period)  # a period, not a synchronisation
 
 
 def listen_sockets(env: Mapping[str, str] | None = None, *,

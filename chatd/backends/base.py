@@ -130,7 +130,7 @@ class Broker(ABC):
 
     @abstractmethod
     async def publish_room_frame(self, room: str, frame: bytes) -> None:
-        """Publish a frame that is not retained (presence) to every node with members of ``room``."""
+        """Publish a frame that is not retained (presence) to every node with ``room`` members."""
 
     @abstractmethod
     async def publish_control(self, event: CloseMatching) -> None:
@@ -264,7 +264,7 @@ class State(ABC):
 
     @abstractmethod
     async def note_seen(self, user: str) -> None:
-        """Remember that ``user`` connected (with any token), so DMs to them are not ``not_found``."""
+        """Remember that ``user`` connected (any token), so DMs to them are not ``not_found``."""
 
     @abstractmethod
     async def user_known(self, user: str) -> bool:
@@ -300,7 +300,7 @@ class State(ABC):
 
     @abstractmethod
     async def revoke_user_before(self, user: str, issued_before: float, until: float) -> None:
-        """Every token of ``user`` with ``iat`` before ``issued_before`` is refused until ``until``."""
+        """Every token of ``user`` with ``iat`` < ``issued_before`` is refused until ``until``."""
 
     @abstractmethod
     async def set_disabled(self, user: str, disabled: bool) -> bool:
