@@ -115,13 +115,15 @@ class Node:
         return self.server is not None and not self.draining and self.backend.broker.healthy()
 
     async def drain(self) -> None:
-        """Graceful shutdown: not ready, stop accepting, 1001 to every client spread over
-        ``server.drain_window``, presence removed, backend closed; bounded by
-        ``server.shutdown_timeout``."""
+        """Graceful shutdown, bounded by ``server.shutdown_timeout``.
+
+        Not ready at once (``/readyz`` and new handshakes answer 503 while the listener stays
+        open, so a load balancer sees the node leave), 1001 to every client spread over
+        ``server.drain_window`` (thousands must not reconnect in the same instant), then the
+        listener closes, presence entries are removed and the backend is closed.
+        """
         self.draining = True
         s = self.config.server
-        if self.server is not None:
-            self.server.server.close()  # stop accepting; the handshake of late ones gets 503
         conns = list(self.connections)
         log.info("draining", extra={"f": {"connections": len(conns)}})
         batches = max(1, min(len(conns), 20))
