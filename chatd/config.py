@@ -174,7 +174,9 @@ class Config:
 
 
 def _mask_url(url: str) -> str:
-    return re.sub(r"//([^@/]*)@", "//***@", url)
+    """A Redis URL without its password (in the user-info part or as a query parameter)."""
+    url = re.sub(r"//([^@/]*)@", "//***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
 # Environment variables of the CLI contract (../shared/spec/cli.md) -> (section, key).
@@ -294,7 +296,9 @@ def load(
             raw[section].update(table)
     for var, (section, key) in _ENV.items():
         if env.get(var):
-            raw[section][key] = env[var]
+            hint = typing.get_type_hints(_class_of(section))[key]
+            # Checked here so the message names the variable as well as the setting.
+            raw[section][key] = _convert(env[var], hint, f"{var} ({section}.{key})")
     for section, table in (overrides or {}).items():
         raw[section].update({k: v for k, v in table.items() if v is not None})
     raw["server"].setdefault("state_dir", default_state_dir(env))

@@ -160,7 +160,7 @@ def parse(obj: Mapping[str, Any], *, max_text_chars: int) -> Command:
         args = {"all": everywhere}
     elif kind == "admin":
         op = obj.get("op")
-        if op not in ADMIN_OPS:
+        if not isinstance(op, str) or op not in ADMIN_OPS:
             raise bad(f"field 'op' must be one of {', '.join(ADMIN_OPS)}")
         args = {"op": op}
         for key in ADMIN_OPS[op]:

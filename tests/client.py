@@ -25,11 +25,16 @@ class Client:
         self.frames: list[dict[str, Any]] = []
         self.unread: list[dict[str, Any]] = []
 
+    #: Every client opened by the running test; an autouse fixture closes them afterwards.
+    opened: list[Client] = []
+
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> Client:
         kwargs.setdefault("compression", None)
         kwargs.setdefault("open_timeout", DEADLINE)
-        return cls(await connect(url, **kwargs))
+        client = cls(await connect(url, **kwargs))
+        cls.opened.append(client)
+        return client
 
     async def send(self, **frame: Any) -> None:
         await self.ws.send(orjson.dumps(frame).decode())
@@ -92,3 +97,13 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+    @classmethod
+    async def close_all(cls) -> None:
+        clients, cls.opened = cls.opened, []
+        for client in clients:
+            try:
+                async with asyncio.timeout(2):
+                    await client.ws.close()
+            except TimeoutError:
+                client.ws.transport.abort()

@@ -16,6 +16,13 @@ NodeFactory = Callable[..., Awaitable[Node]]
 ClientFactory = Callable[..., Awaitable[Client]]
 
 
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    """Close every test client, so no socket outlives its test (warnings are errors)."""
+    yield
+    await Client.close_all()
+
+
 @pytest.fixture
 async def node_factory(tmp_path: Path) -> AsyncIterator[NodeFactory]:
     """Start in-process nodes with config overrides (``limits={"rate": 5}``); drained after."""
