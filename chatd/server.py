@@ -153,6 +153,11 @@ class Node:
         """Verify an access token and check revocation; raises AuthError."""
         try:
             claims = self.verifier.verify(token)
+            if claims.exp + self.config.auth.expiry_grace <= self.clock():
+                # Within the JWT leeway but past what a live connection may use (contract:
+                # closed expiry_grace after exp): refuse now rather than close right after
+                # the welcome.
+                raise AuthError("token expired", http_code="token_expired")
         except AuthError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()
             if in_band:
@@ -197,6 +202,10 @@ class Node:
             if isinstance(exc, AuthError):
                 log.info("auth refused", extra={"f": {"conn": conn.conn_id, "addr": addr,
                                                       "reason": exc.reason}})
+        except CommandError as exc:
+            # Only before the command loop (which answers errors itself): the backend could not
+            # check the credential or register the connection. Nothing was set up; retry later.
+            await conn.close_now(CloseCode.TRY_AGAIN_LATER, exc.message)
         except ConnectionClosed:
             pass
         finally:

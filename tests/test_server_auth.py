@@ -192,3 +192,11 @@ async def test_admin_command_without_admin_role_is_forbidden(connect: ClientFact
     c = await connect("bob")
     answer = await c.request("admin", "ack", op="kick", user="alice")
     assert (answer["type"], answer["code"]) == ("error", "forbidden")
+
+
+async def test_token_within_leeway_but_past_the_grace_is_refused_as_expired(
+        node_factory: NodeFactory) -> None:
+    node = await node_factory(auth={"leeway": 30, "expiry_grace": 5})
+    token = issue("alice", ttl=60, issued_at=time.time() - 70)  # exp 10 s ago
+    status, body = await refused(url(node, f"?token={token}"))
+    assert (status, body["code"]) == (401, "token_expired")

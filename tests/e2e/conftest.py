@@ -15,7 +15,7 @@ CLUSTER_CONFIG = """
 ttl = "3s"
 
 [redis]
-command_timeout = "0.5s"
+command_timeout = "2s"
 probe_interval = "0.2s"
 
 [limits]

@@ -128,6 +128,10 @@ async def test_paused_redis_answers_unavailable_and_recovers(cluster: Cluster,
         answer = await alice.request("send", "ack", room="g", text="into the void")
         assert (answer["type"], answer["code"]) == ("error", "unavailable")
         a.wait_http("/readyz", 503)
+        # A first-frame login cannot be checked against the state: try again later, no crash.
+        late = await Client.open(a.url)
+        await late.send(type="auth", token=issue("bob"))
+        assert (await late.closed(timeout=5))[0] == 1013
     finally:
         redis.resume()
     a.wait_http("/readyz", 200)
