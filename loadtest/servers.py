@@ -1,0 +1,277 @@
+"""Servers under test: started by the harness (``--start-server``) or found by URL, and probed.
+
+A probe reads a server's CPU seconds and resident memory so results can be given per delivery
+and per connection. For a process the harness started (or ``--server-pid``) it reads
+``/proc/<pid>/stat`` and ``/proc/<pid>/status`` (exact, no cost to the server); otherwise it
+scrapes ``GET /metrics`` (``process_cpu_seconds_total``, ``process_resident_memory_bytes`` from
+prometheus-client's process collector), which chatd and the ceiling both serve.
+
+When the harness starts chatd itself it writes a config that lifts the limits meant for hostile
+clients and not for a benchmark: the per-connection message rate (``[limits] rate``/``burst``:
+the default 20/s would throttle a sender), and the connection caps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+#: Config the harness gives a chatd it starts: benchmark clients are not abusive ones.
+BENCH_CONFIG = """\
+# Written by the chatd load harness (loadtest/servers.py) for a benchmark run.
+[server]
+max_connections = 100000
+max_unauthenticated = 100000
+max_unauthenticated_per_address = 100000
+backlog = 8192
+
+[limits]
+# The default 20 messages/s (burst 40) per connection would throttle the harness's senders.
+rate = 1000000.0
+burst = 1000000
+
+[log]
+level = "warning"
+"""
+
+
+class ServerError(Exception):
+    """A server could not be started or probed; the message says why."""
+
+
+@dataclass
+class Sample:
+    """CPU seconds and RSS bytes of the server(s), summed over nodes, at wall time ``t``."""
+
+    t: float
+    cpu: float
+    rss: int
+
+
+class Probe:
+    """Reads CPU and RSS of one or more server processes."""
+
+    def sample(self) -> Sample:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ProcProbe(Probe):
+    """From ``/proc/<pid>``: the harness started the process, or ``--server-pid`` named it."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def sample(self) -> Sample:
+        cpu, rss = 0.0, 0
+        for pid in self.pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                # utime, stime are fields 14 and 15 of stat(5); index 11, 12 after the comm.
+                cpu += (int(fields[11]) + int(fields[12])) / CLK_TCK
+                rss += int(fields[21]) * PAGE
+            except (OSError, ValueError, IndexError) as exc:
+                raise ServerError(f"cannot read /proc/{pid}: {exc}") from None
+        return Sample(time.time(), cpu, rss)
+
+
+class MetricsProbe(Probe):
+    """From ``GET /metrics`` of each node (ws:// URL -> http://host:port/metrics)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = []
+        for url in urls:
+            parts = urlsplit(url)
+            scheme = "https" if parts.scheme == "wss" else "http"
+            self.urls.append(f"{scheme}://{parts.netloc}/metrics")
+
+    def sample(self) -> Sample:
+        cpu, rss = 0.0, 0
+        for url in self.urls:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    text = resp.read().decode()
+            except (OSError, urllib.error.URLError) as exc:
+                raise ServerError(f"cannot read {url}: {exc}") from None
+            values = parse_metrics(text)
+            if "process_cpu_seconds_total" not in values:
+                raise ServerError(f"{url} has no process_cpu_seconds_total")
+            cpu += values["process_cpu_seconds_total"]
+            rss += int(values.get("process_resident_memory_bytes", 0))
+        return Sample(time.time(), cpu, rss)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text exposition."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value.split()[0])
+    return out
+
+
+def close_counts(urls: list[str]) -> dict[str, int] | None:
+    """Connections closed by the server(s), by close code (``chatd_closes_total{code=...}``).
+
+    None when a node's /metrics cannot be read: the figure is then simply not reported.
+    """
+    total: dict[str, int] = {}
+    for url in MetricsProbe(urls).urls:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except (OSError, urllib.error.URLError):
+            return None
+        for line in text.splitlines():
+            if line.startswith("chatd_closes_total{"):
+                labels, _, value = line.partition("} ")
+                code = labels.split('code="', 1)[-1].split('"', 1)[0]
+                with contextlib.suppress(ValueError):
+                    total[code] = total.get(code, 0) + int(float(value))
+    return total
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Managed:
+    """Server processes the harness started for one target (one or more nodes)."""
+
+    name: str
+    procs: list[subprocess.Popen[bytes]]
+    urls: list[str]
+    workdir: tempfile.TemporaryDirectory[str]
+    secret: str = ""
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def probe(self) -> Probe:
+        return ProcProbe([p.pid for p in self.procs])
+
+    def check_alive(self) -> None:
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                raise ServerError(
+                    f"{self.name} (pid {proc.pid}) exited with {proc.returncode}: {tail(log)}"
+                )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self.workdir.cleanup()
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def _wait_ready(m: Managed, deadline: float) -> None:
+    for url in m.urls:
+        parts = urlsplit(url)
+        health = f"http://{parts.netloc}/healthz"
+        while True:
+            m.check_alive()
+            try:
+                with urllib.request.urlopen(health, timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                m.stop()
+                raise ServerError(f"{m.name} did not answer {health} within the start timeout")
+            time.sleep(0.05)
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    env.update(extra)
+    return env
+
+
+def start_chatd(host: str = "127.0.0.1", nodes: int = 1, redis_url: str = "",
+                max_outbound: int | None = None, timeout: float = 30.0) -> Managed:
+    """Start ``nodes`` chatd processes with a temp state dir, a fresh secret and BENCH_CONFIG.
+
+    Raises:
+        ServerError: a node exited or did not become healthy in ``timeout`` seconds.
+    """
+    work = tempfile.TemporaryDirectory(prefix="chatd-loadtest-")
+    root = Path(work.name)
+    config = root / "config.toml"
+    text = BENCH_CONFIG
+    if max_outbound is not None:
+        text = text.replace("[limits]\n", f"[limits]\nmax_outbound_bytes = {max_outbound}\n")
+    config.write_text(text)
+    secret = secrets.token_urlsafe(32)
+    procs, urls, logs = [], [], []
+    for n in range(nodes):
+        port = free_port(host)
+        state = root / f"state-{n}"
+        log = root / f"chatd-{n}.log"
+        env = {"CHATD_JWT_SECRET": secret, "CHATD_NODE_ID": f"node-{n}"}
+        if redis_url:
+            env["CHATD_REDIS_URL"] = redis_url
+        cmd = [sys.executable, "-m", "chatd", "serve", "--host", host, "--port", str(port),
+               "--state-dir", str(state), "-c", str(config)]
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                          env=_env(env), start_new_session=True))
+        urls.append(f"ws://{host}:{port}/ws")
+        logs.append(log)
+    m = Managed("chatd", procs, urls, work, secret, logs)
+    _wait_ready(m, time.monotonic() + timeout)
+    return m
+
+
+def start_ceiling(host: str = "127.0.0.1", fanout: str = "broadcast",
+                  max_outbound: int | None = None, timeout: float = 30.0) -> Managed:
+    """Start the bare-broadcast reference server (:mod:`loadtest.ceiling`)."""
+    work = tempfile.TemporaryDirectory(prefix="ceiling-loadtest-")
+    port = free_port(host)
+    log = Path(work.name) / "ceiling.log"
+    cmd = [sys.executable, "-m", "loadtest.ceiling", "--host", host, "--port", str(port),
+           "--fanout", fanout]
+    if max_outbound is not None:
+        cmd += ["--max-outbound", str(max_outbound)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env({}),
+                                start_new_session=True)
+    # The ceiling verifies nothing; any secret will do for the tokens the harness sends it.
+    m = Managed("ceiling", [proc], [f"ws://{host}:{port}/ws"], work, secrets.token_urlsafe(32),
+                [log])
+    _wait_ready(m, time.monotonic() + timeout)
+    return m
