@@ -138,10 +138,7 @@ async def _user(config: Config, args: argparse.Namespace, password: str | None) 
         return 0
     finally:
         passwords.close()
-        close = getattr(backend.state, "close", None)
-        result = close() if close is not None else None
-        if asyncio.iscoroutine(result):
-            await result
+        backend.state.close()
 
 
 def _fail(message: str, code: int) -> int:

@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ from chatd.connection import Connection, text_frame
 from chatd.errors import AuthError, ChatdError, CloseConnection, CommandError
 from chatd.hub import Hub
 from chatd.metrics import Metrics
+from chatd.ratelimit import KeyedTokenBuckets
 from chatd.session import Session
 
 log = logging.getLogger("chatd")
@@ -62,7 +64,11 @@ class Node:
         self.draining = False
         self.connections: set[Connection] = set()
         self.unauthenticated: Counter[str] = Counter()
-        self.handshake_claims: dict[ServerConnection, Claims] = {}
+        # Weak: a handshake refused after its token was checked (server closing, peer gone,
+        # open_timeout) never reaches handler(), and must not leave its entry behind.
+        self.handshake_claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = \
+            weakref.WeakKeyDictionary()
+        self.accept_buckets = KeyedTokenBuckets()  # server.accept_rate_per_address
         self.on_change: Callable[[], None] | None = None
 
     # -- configuration -----------------------------------------------------------------------
@@ -141,6 +147,7 @@ class Node:
         with contextlib.suppress(ChatdError):
             await self.backend.presence.drain()
         await self.backend.broker.close()
+        self.backend.state.close()
         self.accounts.passwords.close()
         log.info("stopped")
 
@@ -175,7 +182,7 @@ class Node:
     # -- connections -------------------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
-        addr = http.client_address(ws)
+        addr = http.client_address(ws, self.config.server.trusted_proxies)
         conn = Connection(ws, Session(self.config.limits), self.config.node_id, addr,
                           self.config.limits.max_outbound_bytes, self._closed_by_server)
         self.connections.add(conn)

@@ -306,6 +306,9 @@ class State(ABC):
     async def set_disabled(self, user: str, disabled: bool) -> bool:
         """Disable or enable; returns False for an unknown user."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Write what is pending and release resources (a node calls it once, at shutdown)."""
+
     @abstractmethod
     async def token_verdict(
         self, user: str, jti: str, sid: str | None, iat: float

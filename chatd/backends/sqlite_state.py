@@ -85,6 +85,13 @@ _SESSION_COLUMNS = (
 )
 
 
+#: note_seen writes new names at least this often, or when this many are waiting.
+SEEN_FLUSH_SECONDS = 1.0
+SEEN_BATCH = 512
+#: Names remembered as already written (then forgotten all at once: only a cache).
+SEEN_CACHE = 100_000
+
+
 class SqliteState(State):
     """:class:`chatd.backends.base.State` in one SQLite file.
 
@@ -102,6 +109,12 @@ class SqliteState(State):
         self._lock = threading.Lock()
         self._last_purge = 0.0
         self.path = ""
+        # note_seen runs on every authentication: remember who is already recorded and write
+        # new names in batches, so a connection storm costs one transaction per batch, not one
+        # blocking write per socket.
+        self._seen: set[str] = set()
+        self._unsaved: set[str] = set()
+        self._last_seen_flush = 0.0
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -164,7 +177,9 @@ class SqliteState(State):
         return cls.open(Path(state_dir) / DB_NAME, clock=clock)
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Save pending "seen" marks and close the connection (idempotent)."""
+        with contextlib.suppress(BackendUnavailable, sqlite3.ProgrammingError):
+            self._flush_seen(self._clock())
         with self._lock:
             self._conn.close()
 
@@ -241,14 +256,32 @@ class SqliteState(State):
         return [UserRecord(r[0], r[1], bool(r[2]), r[3]) for r in rows]
 
     async def note_seen(self, user: str) -> None:
+        if user in self._seen:
+            return
+        self._unsaved.add(user)
+        now = self._clock()
+        if len(self._unsaved) >= SEEN_BATCH or now - self._last_seen_flush >= SEEN_FLUSH_SECONDS:
+            self._flush_seen(now)
+
+    def _flush_seen(self, now: float) -> None:
+        self._last_seen_flush = now
+        if not self._unsaved:
+            return
+        names = list(self._unsaved)
         with self._tx(write=True) as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO seen (name, at) VALUES (?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET at = excluded.at",
-                (user, self._clock()),
+                [(name, now) for name in names],
             )
+        self._unsaved.difference_update(names)
+        if len(self._seen) > SEEN_CACHE:
+            self._seen.clear()
+        self._seen.update(names)
 
     async def user_known(self, user: str) -> bool:
+        if user in self._seen or user in self._unsaved:
+            return True
         with self._tx() as db:
             row = db.execute(
                 "SELECT EXISTS(SELECT 1 FROM users WHERE name = ?) "
