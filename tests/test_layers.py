@@ -26,6 +26,7 @@ SHELL_MODULES = ("chatd.server", "chatd.connection", "chatd.http", "chatd.app",
                  "chatd.commands", "chatd.cli", "chatd.cli_accounts", "chatd.systemd",
                  "chatd.backends.memory", "chatd.backends.redis",
                  "chatd.backends.redis_broker", "chatd.backends.redis_client",
+                 "chatd.backends.redis_feed",
                  "chatd.backends.redis_presence", "chatd.backends.redis_state",
                  "chatd.backends.sqlite_state")
 
