@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.client import Client
 from tests.e2e.conftest import Cluster
@@ -140,3 +146,97 @@ async def test_paused_redis_answers_unavailable_and_recovers(cluster: Cluster,
     fresh = await login(a, "alice")
     await fresh.request("join", "joined", room="g")
     assert (await fresh.request("send", "ack", room="g", text="back"))["type"] == "ack"
+
+
+def add_user(redis: RedisServer, state_dir: Path, name: str, password: str) -> None:
+    """``chatd user add`` against the cluster's Redis, as an operator would."""
+    env = {**os.environ, "CHATD_REDIS_URL": redis.url, "CHATD_STATE_DIR": str(state_dir)}
+    subprocess.run([sys.executable, "-m", "chatd", "user", "add", name, "--password-stdin"],
+                   input=password + "\n", text=True, env=env, check=True, capture_output=True)
+
+
+async def login_password(node: ChatdProcess, user: str, password: str) -> tuple[Client, dict]:
+    c = await Client.open(node.url)
+    await c.send(type="login", username=user, password=password, device="test")
+    return c, await c.expect("welcome")
+
+
+async def test_reused_refresh_token_kills_the_session_on_every_node(
+        cluster: Cluster, redis: RedisServer, tmp_path: Path) -> None:
+    a, b = cluster(2)
+    add_user(redis, tmp_path / "cli", "dana", "correct horse")
+    on_a, welcome = await login_password(a, "dana", "correct horse")
+    on_b = await Client.open(f"{b.url}?token={welcome['access_token']}")
+    assert (await on_b.expect("welcome"))["session"] == welcome["session"]
+    rotated = await on_a.request("refresh", "tokens", refresh_token=welcome["refresh_token"])
+    assert rotated["type"] == "tokens"
+    thief = await Client.open(b.url)
+    await thief.send(type="refresh", refresh_token=welcome["refresh_token"])
+    assert (await thief.closed())[0] == 4410
+    assert (await on_a.closed(timeout=1.5))[0] == 4410
+    assert (await on_b.closed(timeout=1.5))[0] == 4410
+    late = await Client.open(a.url)
+    await late.send(type="refresh", refresh_token=rotated["refresh_token"])
+    assert (await late.closed())[0] in (4401, 4410)
+
+
+async def test_logout_on_one_node_closes_the_sessions_socket_on_another(
+        cluster: Cluster, redis: RedisServer, tmp_path: Path) -> None:
+    a, b = cluster(2)
+    add_user(redis, tmp_path / "cli", "eve", "correct horse")
+    on_a, welcome = await login_password(a, "eve", "correct horse")
+    on_b = await Client.open(f"{b.url}?token={welcome['access_token']}")
+    await on_b.expect("welcome")
+    await on_a.send(type="logout")
+    assert (await on_a.closed())[0] == 1000
+    assert (await on_b.closed(timeout=1.5))[0] == 4410
+    assert b.status("/readyz") == 200
+
+
+async def test_acknowledged_messages_survive_a_redis_restart_under_traffic(
+        cluster: Cluster, redis: RedisServer) -> None:
+    """Redis (AOF on) is killed while a sender sends continuously: every ack it got is kept."""
+    a, b = cluster(2)
+    acked: list[str] = []
+    stop = asyncio.Event()
+
+    async def send_forever() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                sender = await login(a, "alice")
+                await sender.request("join", "joined", room="live")
+                while not stop.is_set():
+                    answer = await sender.request("send", "ack", room="live", text=f"m{i}")
+                    i += 1
+                    if answer["type"] == "ack":
+                        acked.append(answer["id"])
+                    await asyncio.sleep(0.005)  # the workload's pace
+            except (ConnectionClosed, OSError, InvalidStatus, TimeoutError):
+                await asyncio.sleep(0.2)  # reconnect backoff
+
+    task = asyncio.create_task(send_forever())
+    while len(acked) < 50:
+        await asyncio.sleep(0.05)
+    redis.kill()
+    b.wait_http("/readyz", 503)
+    redis.start()
+    b.wait_http("/readyz", 200)
+    before = len(acked)
+    while len(acked) < before + 50:
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    reader = await login(b, "bob")
+    await reader.request("join", "joined", room="live")
+    stored: list[str] = []
+    since = "0-0"
+    while True:  # page forward through the whole retained history
+        page = await reader.request("history", "history", room="live", limit=100, since=since)
+        ids = [m["id"] for m in page["messages"]]
+        stored += ids
+        if len(ids) < 100:
+            break
+        since = ids[-1]
+    assert set(acked) <= set(stored)
+    assert len(stored) == len(set(stored))
