@@ -68,10 +68,10 @@ async def serve(config: Config, *, sock: socket.socket | None = None,
         "host": host, "port": port, "path": config.server.path,
         "node": config.node_id, "backend": "redis" if config.redis.url else "embedded",
         "socket_activated": sock is not None, "nofile": soft}})
-    if soft < config.server.max_connections + 100:
-        log.warning("open files limit below server.max_connections",
+    if soft < config.limits.max_connections + 100:
+        log.warning("open files limit below limits.max_connections",
                     extra={"f": {"nofile": soft, "hard": hard,
-                                 "max_connections": config.server.max_connections}})
+                                 "max_connections": config.limits.max_connections}})
 
     def status() -> str:
         state = "draining " if node.draining else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -72,9 +73,14 @@ class ServerConfig:
     node_id: str = ""
     state_dir: str = ""
     allowed_origins: tuple[str, ...] = ()
-    max_connections: int = 20000
     max_unauthenticated: int = 5000
     max_unauthenticated_per_address: int = 1000
+    #: WebSocket handshakes per second one client address may start (HTTP 429 past it);
+    #: 0 disables. IPv6 addresses count per /64.
+    accept_rate_per_address: float = 200.0
+    accept_burst_per_address: int = 1000
+    #: Reverse proxies (addresses or networks) whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[str, ...] = ()
     backlog: int = 4096
     ping_interval: Duration = Duration(20)
     ping_timeout: Duration = Duration(20)
@@ -105,6 +111,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    max_connections: int = 20000
     max_frame_bytes: int = 65536
     max_text_chars: int = 4000
     max_rooms_per_connection: int = 100
@@ -338,9 +345,11 @@ def validate(c: Config) -> None:
                 f"must be an origin like https://chat.example.com (or *), got {origin!r}",
             )
     for key, value, minimum in (
-        ("server.max_connections", s.max_connections, 1),
+        ("limits.max_connections", lim.max_connections, 1),
         ("server.max_unauthenticated", s.max_unauthenticated, 1),
         ("server.max_unauthenticated_per_address", s.max_unauthenticated_per_address, 1),
+        ("server.accept_rate_per_address", s.accept_rate_per_address, 0),
+        ("server.accept_burst_per_address", s.accept_burst_per_address, 1),
         ("server.backlog", s.backlog, 1),
         ("server.ping_interval", s.ping_interval, 0),
         ("server.shutdown_timeout", s.shutdown_timeout, 0.1),
@@ -364,6 +373,7 @@ def validate(c: Config) -> None:
         ("history.max_per_room", c.history.max_per_room, 1),
         ("presence.ttl", c.presence.ttl, 3),
         ("redis.command_timeout", c.redis.command_timeout, 0.05),
+        ("redis.probe_interval", c.redis.probe_interval, 0.01),
     ):
         _at_least(key, value, minimum)
     if a.leeway > 300:
@@ -382,6 +392,15 @@ def validate(c: Config) -> None:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             raise ConfigError(f"metrics.allow[{i}]",
+                              f"not an address or network: {net!r}") from None
+    if not math.isfinite(s.accept_rate_per_address):
+        raise ConfigError("server.accept_rate_per_address",
+                          "must be a finite number of handshakes per second (0 disables)")
+    for i, net in enumerate(s.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies[{i}]",
                               f"not an address or network: {net!r}") from None
     if c.jwt_secret and len(c.jwt_secret.encode()) < 32:
         raise ConfigError("CHATD_JWT_SECRET", "must be at least 32 bytes")

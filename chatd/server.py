@@ -108,6 +108,7 @@ class Node:
             close_timeout=min(s.shutdown_timeout, 10.0),
             backlog=s.backlog,
             server_header="chatd",
+            create_connection=_bounded_connection(self),
             **where,
         )
         return self.server
@@ -154,7 +155,14 @@ class Node:
     # -- HTTP and handshake ------------------------------------------------------------------
 
     async def process_request(self, ws: ServerConnection, request: Any) -> Any:
-        return await http.process_request(self, ws, request)
+        try:
+            return await http.process_request(self, ws, request)
+        except Exception:
+            # A bug: log it with an incident id (websockets' own logger is silenced) and answer
+            # 500 without details.
+            incident = uuid.uuid4().hex[:12]
+            log.exception("internal error in handshake", extra={"f": {"incident": incident}})
+            return http.json_error(500, "internal", f"internal error (incident {incident})")
 
     async def verify_token(self, token: str, *, in_band: bool = False) -> Claims:
         """Verify an access token and check revocation; raises AuthError."""
@@ -380,3 +388,22 @@ def _release(counter: Counter[str], key: str) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]
+
+
+def _bounded_connection(node: Node) -> type[ServerConnection]:
+    """``ServerConnection`` whose automatic replies obey ``limits.max_outbound_bytes`` too.
+
+    ``websockets`` answers every ping with a pong as it reads, whatever its write buffer holds;
+    a client that floods pings and never reads would make the node buffer without bound (one
+    test measured 21 MB for 26 MB of pings). Past the limit such a client is cut off: it is
+    not reading, so a close frame would never reach it.
+    """
+
+    class BoundedConnection(ServerConnection):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            transport = self.transport
+            if transport.get_write_buffer_size() > node.config.limits.max_outbound_bytes:
+                transport.abort()
+
+    return BoundedConnection

@@ -17,15 +17,19 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadtest import report, scenarios
+from loadtest import report, scenarios, sweep
+from loadtest.profile import Profiler, summarize
+from loadtest.quiet import wait_quiet
 from loadtest.runner import Coordinator, Progress, RunError, Target
 from loadtest.servers import (
     Managed,
     MetricsProbe,
+    Probe,
     ProcProbe,
     ServerError,
     start_ceiling,
@@ -96,8 +100,15 @@ def parser() -> argparse.ArgumentParser:
                    help="start the server(s) as subprocesses with a temp state dir and a config "
                    "that lifts the per-connection rate limit; 'both' runs chatd then the ceiling")
     g.add_argument("--nodes", type=_positive_int, default=1,
-                   help="chatd nodes to start (needs --redis-url when more than 1)")
-    g.add_argument("--redis-url", default="", help="CHATD_REDIS_URL for the chatd nodes started")
+                   help="chatd nodes to start; more than 1 share a Redis: a private "
+                   "redis-server the harness starts on a free port, or --redis-url")
+    g.add_argument("--redis-url", default="",
+                   help="CHATD_REDIS_URL for the chatd nodes started, instead of a private "
+                   "redis-server (its CPU is then counted only with --redis-pid)")
+    g.add_argument("--private-redis", action="store_true",
+                   help="start a private redis-server even for one node (the Redis backend)")
+    g.add_argument("--redis-pid", action="append", type=int, default=[],
+                   help="the pid of the Redis the nodes use, to count its CPU apart")
     g.add_argument("--ceiling-fanout", choices=("broadcast", "frame"), default="broadcast",
                    help="ceiling fan-out: websockets.broadcast() (default) or one framed write "
                    "per recipient")
@@ -131,7 +142,32 @@ def parser() -> argparse.ArgumentParser:
                    help="limits.max_outbound_bytes of the servers the harness starts")
     g.add_argument("--drain", type=_non_negative,
                    help="most seconds to wait for in-flight deliveries")
+    g = ap.add_argument_group("throughput sweep (docs/benchmarks.md: p99 at 70% of the maximum)")
+    g.add_argument("--rates", type=_rates,
+                   help="comma-separated message rates: run each in turn until one is not "
+                   "sustained, bisect, then run at --at of the highest sustained rate")
+    g.add_argument("--at", type=_fraction, default=0.7,
+                   help="share of the maximum for the final run (default 0.7)")
+    g.add_argument("--sustain", type=_fraction, default=0.99,
+                   help="share of intended deliveries that must arrive on time (default 0.99)")
+    g.add_argument("--explode-ms", type=_non_negative, default=500.0,
+                   help="a step whose p99 passes this is not sustained (default 500)")
+    g.add_argument("--refine", type=_count, default=1,
+                   help="bisection steps between the last sustained rate and the first not "
+                   "(default 1)")
+    g = ap.add_argument_group("a quiet machine (client and server share it)")
+    g.add_argument("--max-load", type=_non_negative,
+                   help="before each measurement wait until the 1-minute load average is "
+                   "below this and other processes are idle (default 1.0; --smoke: do not "
+                   "wait; 0: do not wait)")
+    g.add_argument("--quiet-wait", type=_non_negative, default=600.0,
+                   help="the most seconds to wait for a quiet machine, then measure anyway, "
+                   "marked busy (default 600)")
     g = ap.add_argument_group("harness")
+    g.add_argument("--profile", choices=("connect", "measure"),
+                   help="sample the servers the harness started (or --server-pid) with py-spy "
+                   "during the connect phase or the measured phase; writes "
+                   "<out>/<name>-<target>-<phase>-<k>.folded and prints a summary")
     g.add_argument("--workers", type=_positive_int,
                    help="client processes (default: the number of cores)")
     g.add_argument("--source-addrs", type=_count,
@@ -193,8 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.size is not None and args.size > 4000:
         return fail("--size: must be at most 4000 (the server's default limits.max_text_chars)")
-    if args.nodes > 1 and not args.redis_url:
-        return fail("--nodes: more than one chatd node needs --redis-url")
+    private_redis = bool(args.start_server in ("chatd", "both") and not args.redis_url
+                         and (args.nodes > 1 or args.private_redis))
+    if (args.nodes > 1 or args.private_redis) and args.start_server not in ("chatd", "both"):
+        return fail("--nodes/--private-redis: only for nodes the harness starts "
+                    "(--start-server chatd|both); give --url once per node otherwise")
+    if args.private_redis and args.redis_url:
+        return fail("--private-redis and --redis-url are exclusive")
     if args.auth == "login" and not args.password:
         return fail("--auth login needs --password (users <prefix><i> must exist)")
     if not args.url and not args.ceiling_url and not args.start_server:
@@ -218,6 +259,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: warning: the server started here inherits RLIMIT_NOFILE {soft}, "
               f"fewer than {len(plan.conns)} connections need", file=sys.stderr)
 
+    sweep_opts: sweep.SweepOptions | None = None
+    per_message = 0
+    if args.rates:
+        if params.scenario not in ("fan-out", "many-rooms", "dm"):
+            return fail("--rates: only for fan-out, many-rooms and dm")
+        sweep_opts = sweep.SweepOptions(args.rates, at=args.at, sustain=args.sustain,
+                                        explode_ms=args.explode_ms, refine=args.refine)
+        per_message = (plan.audience(plan.senders[0]) if params.scenario == "fan-out"
+                       else params.room_size if params.scenario == "many-rooms" else 1)
+    max_load = (None if args.smoke else 1.0) if args.max_load is None else (
+        args.max_load or None)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"{params.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+
     names: list[str] = []
     if args.start_server in ("chatd", "both") or args.url:
         names.append("chatd")
@@ -225,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         names.append("ceiling")
     sources_k = 8 if args.source_addrs is None else args.source_addrs
     bar = Progress(enabled=not args.quiet)
+    bench = Bench(args, params, plan, workers, bar, max_load, out / stem)
     runs: list[dict[str, Any]] = []
     for name in names:
         managed: Managed | None = None
@@ -244,21 +302,33 @@ def main(argv: list[str] | None = None) -> int:
                 bar.note(f"starting {name} ...")
                 managed = (
                     start_chatd(nodes=args.nodes, redis_url=args.redis_url,
-                                max_outbound=params.max_outbound)
+                                max_outbound=params.max_outbound, private_redis=private_redis)
                     if name == "chatd"
                     else start_ceiling(fanout=args.ceiling_fanout,
                                        max_outbound=params.max_outbound)
                 )
-                target = Target(name, managed.urls, managed.secret, managed.probe,
-                                managed.check_alive)
+                probe: Probe | None = managed.probe
+                if name == "chatd" and args.redis_pid and isinstance(probe, ProcProbe):
+                    probe.aux_pids = args.redis_pid
+                if args.no_server_stats:
+                    probe = None
+                target = Target(name, managed.urls, managed.secret, probe, managed.check_alive)
             sources = source_addresses(target.urls, sources_k)
             capacity = ephemeral_ports() * max(1, len(sources)) * len(set(target.urls))
             if len(plan.conns) + len(plan.churn) > capacity:
                 return fail(f"{len(plan.conns)} connections exceed the ~{capacity} ephemeral "
                             "ports available: raise --source-addrs")
-            bar.note(f"{name}: {params.scenario} with {len(plan.conns)} connections, "
-                     f"{workers} workers, {target.urls[0]}")
-            runs.append(Coordinator(plan, target, sources, bar).run())
+            servers = ([pr.pid for pr in managed.procs] if managed is not None
+                       else args.server_pid if name == "chatd" else [])
+            measure = bench.measurer(target, sources, _own_pids(managed, args), servers)
+            if sweep_opts is not None:
+                res = sweep.sweep(measure, per_message, params.duration, sweep_opts, bar.note)
+                if res.final is None:
+                    return fail(f"{name}: {res.note}", 1)
+                res.final["sweep"] = res.summary(sweep_opts)
+                runs.append(res.final)
+            else:
+                runs.append(measure(None))
         except (RunError, ServerError) as exc:
             return fail(f"{name}: {exc}", 1)
         finally:
@@ -266,16 +336,21 @@ def main(argv: list[str] | None = None) -> int:
                 managed.stop()
         _explain_failures(runs[-1], soft)
 
-    doc = report.document(params.scenario, dataclasses.asdict(params), runs, argv)
-    doc["params"]["workers"] = workers
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"{params.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+    info = dataclasses.asdict(params)
+    info["workers"] = workers
+    info["nodes"] = len(args.url) if args.url else args.nodes
+    info["redis"] = "private" if private_redis else "given" if args.redis_url else None
+    doc = report.document(params.scenario, info, runs, argv)
+    if bench.profiles:
+        doc["profiles"] = bench.profiles
     json_path = out / f"{stem}.json"
     png_path = out / f"{stem}.png"
     drawn = False if args.no_plot else report.picture(doc, runs, png_path)
     if drawn:
         doc["picture"] = str(png_path)
+    sweep_png = out / f"{stem}-sweep.png"
+    if not args.no_plot and report.sweep_picture(runs, sweep_png):
+        doc["sweep_picture"] = str(sweep_png)
     report.write_json(doc, json_path)
     print(report.table(doc))
     print(f"results: {json_path}" + (f"  picture: {png_path}" if drawn else ""))
@@ -287,12 +362,80 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class Bench:
+    """One measurement at a time against a target: wait for quiet, run, profile if asked."""
+
+    def __init__(self, args: argparse.Namespace, params: scenarios.Params, plan: scenarios.Plan,
+                 workers: int, bar: Progress, max_load: float | None, stem: Path) -> None:
+        self.args = args
+        self.params = params
+        self.plan = plan
+        self.workers = workers
+        self.bar = bar
+        self.max_load = max_load
+        self.stem = stem
+        self.profiles: list[str] = []
+
+    def measurer(self, target: Target, sources: list[str], own: list[int],
+                 servers: list[int]) -> Callable[[float | None], dict[str, Any]]:
+        """``measure(rate)``: one run at ``rate`` messages/s (None: the parameters' rate)."""
+        return lambda rate: self.measure(target, sources, own, servers, rate)
+
+    def measure(self, target: Target, sources: list[str], own: list[int], servers: list[int],
+                rate: float | None) -> dict[str, Any]:
+        p = self.params if rate is None else dataclasses.replace(self.params, rate=rate)
+        plan = self.plan if rate is None else scenarios.build(p, self.workers)
+        machine = wait_quiet(self.max_load, self.args.quiet_wait, own, self.bar.note)
+        at = f" at {rate:g} msg/s" if rate is not None else ""
+        self.bar.note(f"{target.name}: {p.scenario} with {len(plan.conns)} connections{at}, "
+                      f"{self.workers} workers, {target.urls[0]} "
+                      f"(load average {machine['load1']})")
+        coordinator = Coordinator(plan, target, sources, self.bar)
+        profiler = None
+        if self.args.profile and servers:
+            step = "" if rate is None else f"-{rate:g}"
+            profiler = Profiler(servers, self.stem.with_name(
+                f"{self.stem.name}-{target.name}{step}-{self.args.profile}"))
+            phase = "connect" if self.args.profile == "connect" else "measure"
+            coordinator.hooks[f"{phase}_start"] = profiler.start
+            coordinator.hooks[f"{phase}_end"] = profiler.stop_recording
+        try:
+            result = coordinator.run()
+        finally:
+            if profiler is not None:
+                for path in profiler.stop():
+                    self.bar.note(summarize(path, 20))
+                    self.profiles.append(str(path))
+        result["machine"] = machine
+        return result
+
+
+def _own_pids(managed: Managed | None, args: argparse.Namespace) -> list[int]:
+    """The processes under test: their CPU is not "someone else's" when waiting for quiet."""
+    pids = [*args.server_pid, *args.redis_pid]
+    if managed is not None:
+        pids += [p.pid for p in managed.procs]
+        if managed.companion is not None:
+            pids += [p.pid for p in managed.companion.procs]
+    return pids
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not rates or any(not math.isfinite(r) or r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("give message rates > 0, e.g. 40,60,80,100")
+    return rates
+
+
 def _probe(args: argparse.Namespace, urls: list[str]) -> ProcProbe | MetricsProbe | None:
     if args.no_server_stats:
         return None
     if args.server_pid:
-        return ProcProbe(args.server_pid)
-    return MetricsProbe(urls)
+        return ProcProbe(args.server_pid, args.redis_pid)
+    return MetricsProbe(urls, args.redis_pid)
 
 
 def _explain_failures(run: dict[str, Any], soft: int) -> None:
@@ -308,4 +451,4 @@ def _explain_failures(run: dict[str, Any], soft: int) -> None:
                   "--source-addrs", file=sys.stderr)
         elif reason.startswith("close 1013") or reason.startswith("http 503"):
             print(f"loadtest: {n} connections were refused by the server as full "
-                  "(limits / server.max_connections)", file=sys.stderr)
+                  "(limits / limits.max_connections)", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,12 +36,13 @@ PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 BENCH_CONFIG = """\
 # Written by the chatd load harness (loadtest/servers.py) for a benchmark run.
 [server]
-max_connections = 100000
 max_unauthenticated = 100000
+accept_rate_per_address = 0
 max_unauthenticated_per_address = 100000
 backlog = 8192
 
 [limits]
+max_connections = 100000
 # The default 20 messages/s (burst 40) per connection would throttle the harness's senders.
 rate = 1000000.0
 burst = 1000000
@@ -56,11 +58,17 @@ class ServerError(Exception):
 
 @dataclass
 class Sample:
-    """CPU seconds and RSS bytes of the server(s), summed over nodes, at wall time ``t``."""
+    """CPU seconds and RSS bytes of the server(s), summed over nodes, at wall time ``t``.
+
+    ``aux_cpu`` is the CPU of the processes the nodes depend on (the Redis the harness started,
+    or ``--redis-pid``), kept apart so a figure can be given with and without it; None when
+    there is none, or it cannot be read.
+    """
 
     t: float
     cpu: float
     rss: int
+    aux_cpu: float | None = None
 
 
 class Probe:
@@ -70,30 +78,44 @@ class Probe:
         raise NotImplementedError
 
 
-class ProcProbe(Probe):
-    """From ``/proc/<pid>``: the harness started the process, or ``--server-pid`` named it."""
+def proc_stat(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) and RSS bytes of ``pid`` from ``/proc/<pid>/stat``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # utime, stime are fields 14 and 15 of stat(5); index 11, 12 after the comm.
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[21]) * PAGE
+    except (OSError, ValueError, IndexError) as exc:
+        raise ServerError(f"cannot read /proc/{pid}: {exc}") from None
 
-    def __init__(self, pids: list[int]) -> None:
+
+class ProcProbe(Probe):
+    """From ``/proc/<pid>``: the harness started the process, or ``--server-pid`` named it.
+
+    Args:
+        pids: the nodes (CPU and RSS are summed over them).
+        aux_pids: what the nodes depend on (Redis): CPU reported apart, as ``aux_cpu``.
+    """
+
+    def __init__(self, pids: list[int], aux_pids: list[int] | None = None) -> None:
         self.pids = pids
+        self.aux_pids = aux_pids or []
 
     def sample(self) -> Sample:
         cpu, rss = 0.0, 0
         for pid in self.pids:
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                # utime, stime are fields 14 and 15 of stat(5); index 11, 12 after the comm.
-                cpu += (int(fields[11]) + int(fields[12])) / CLK_TCK
-                rss += int(fields[21]) * PAGE
-            except (OSError, ValueError, IndexError) as exc:
-                raise ServerError(f"cannot read /proc/{pid}: {exc}") from None
-        return Sample(time.time(), cpu, rss)
+            c, r = proc_stat(pid)
+            cpu += c
+            rss += r
+        aux = sum(proc_stat(pid)[0] for pid in self.aux_pids) if self.aux_pids else None
+        return Sample(time.time(), cpu, rss, aux)
 
 
 class MetricsProbe(Probe):
     """From ``GET /metrics`` of each node (ws:// URL -> http://host:port/metrics)."""
 
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(self, urls: list[str], aux_pids: list[int] | None = None) -> None:
+        self.aux_pids = aux_pids or []
         self.urls = []
         for url in urls:
             parts = urlsplit(url)
@@ -113,7 +135,8 @@ class MetricsProbe(Probe):
                 raise ServerError(f"{url} has no process_cpu_seconds_total")
             cpu += values["process_cpu_seconds_total"]
             rss += int(values.get("process_resident_memory_bytes", 0))
-        return Sample(time.time(), cpu, rss)
+        aux = sum(proc_stat(pid)[0] for pid in self.aux_pids) if self.aux_pids else None
+        return Sample(time.time(), cpu, rss, aux)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -150,9 +173,13 @@ def close_counts(urls: list[str]) -> dict[str, int] | None:
 
 
 def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port free right now on ``host``; never 6379 (a shared Redis may live there)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port != 6379:
+            return port
 
 
 @dataclass
@@ -165,10 +192,13 @@ class Managed:
     workdir: tempfile.TemporaryDirectory[str]
     secret: str = ""
     logs: list[Path] = field(default_factory=list)
+    #: a server the nodes depend on, started for them (a private Redis); stopped after them.
+    companion: Managed | None = None
 
     @property
     def probe(self) -> Probe:
-        return ProcProbe([p.pid for p in self.procs])
+        aux = self.companion.procs if self.companion is not None else []
+        return ProcProbe([p.pid for p in self.procs], [p.pid for p in aux])
 
     def check_alive(self) -> None:
         for proc, log in zip(self.procs, self.logs, strict=True):
@@ -187,6 +217,8 @@ class Managed:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        if self.companion is not None:
+            self.companion.stop()
         self.workdir.cleanup()
 
 
@@ -198,10 +230,11 @@ def tail(path: Path, lines: int = 8) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
-def _wait_ready(m: Managed, deadline: float) -> None:
+def _wait_ready(m: Managed, deadline: float, path: str = "/healthz") -> None:
+    """Poll ``path`` of every URL until 200 (chatd: ``/readyz``, so the backend is up too)."""
     for url in m.urls:
         parts = urlsplit(url)
-        health = f"http://{parts.netloc}/healthz"
+        health = f"http://{parts.netloc}{path}"
         while True:
             m.check_alive()
             try:
@@ -222,13 +255,75 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _redis_ping(port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(timeout: float = 15.0) -> Managed:
+    """A private ``redis-server`` for the nodes: a free port (never 6379), a temp directory, no
+    persistence. Never a Redis someone else uses: the benchmark's keys and load stay its own.
+
+    Raises:
+        ServerError: redis-server is not installed, exited, or did not answer PING in time.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServerError("redis-server is not on PATH (apt-get install redis-server), or give "
+                          "--redis-url of a Redis you run for the benchmark")
+    work = tempfile.TemporaryDirectory(prefix="redis-loadtest-")
+    port = free_port("127.0.0.1")
+    log = Path(work.name) / "redis.log"
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", work.name,
+           "--logfile", str(log), "--daemonize", "no", "--protected-mode", "no",
+           "--save", "", "--appendonly", "no", "--maxclients", "10000"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    m = Managed("redis", [proc], [f"redis://127.0.0.1:{port}/0"], work, logs=[log])
+    deadline = time.monotonic() + timeout
+    while not _redis_ping(port):
+        try:
+            m.check_alive()
+        except ServerError:
+            m.stop()
+            raise
+        if time.monotonic() > deadline:
+            m.stop()
+            raise ServerError(f"redis-server on port {port} did not answer PING in {timeout} s")
+        time.sleep(0.02)
+    return m
+
+
 def start_chatd(host: str = "127.0.0.1", nodes: int = 1, redis_url: str = "",
-                max_outbound: int | None = None, timeout: float = 30.0) -> Managed:
+                max_outbound: int | None = None, timeout: float = 30.0,
+                private_redis: bool = False) -> Managed:
     """Start ``nodes`` chatd processes with a temp state dir, a fresh secret and BENCH_CONFIG.
+
+    Args:
+        redis_url: ``CHATD_REDIS_URL`` of the nodes (a Redis the caller runs).
+        private_redis: start a private Redis (:func:`start_redis`) for the nodes instead; its
+            CPU is then measured too (``Sample.aux_cpu``) and it is stopped with them.
 
     Raises:
         ServerError: a node exited or did not become healthy in ``timeout`` seconds.
     """
+    companion = start_redis() if private_redis else None
+    if companion is not None:
+        redis_url = companion.urls[0]
+    try:
+        return _start_nodes(host, nodes, redis_url, max_outbound, timeout, companion)
+    except BaseException:
+        if companion is not None:
+            companion.stop()
+        raise
+
+
+def _start_nodes(host: str, nodes: int, redis_url: str, max_outbound: int | None,
+                 timeout: float, companion: Managed | None) -> Managed:
     work = tempfile.TemporaryDirectory(prefix="chatd-loadtest-")
     root = Path(work.name)
     config = root / "config.toml"
@@ -252,8 +347,12 @@ def start_chatd(host: str = "127.0.0.1", nodes: int = 1, redis_url: str = "",
                                           env=_env(env), start_new_session=True))
         urls.append(f"ws://{host}:{port}/ws")
         logs.append(log)
-    m = Managed("chatd", procs, urls, work, secret, logs)
-    _wait_ready(m, time.monotonic() + timeout)
+    m = Managed("chatd", procs, urls, work, secret, logs, companion)
+    try:
+        _wait_ready(m, time.monotonic() + timeout, "/readyz")
+    except BaseException:
+        m.stop()
+        raise
     return m
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -26,7 +26,7 @@ class Client:
         self.unread: list[dict[str, Any]] = []
 
     #: Every client opened by the running test; an autouse fixture closes them afterwards.
-    opened: list[Client] = []
+    opened: ClassVar[list[Client]] = []
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> Client:

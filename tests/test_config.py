@@ -240,7 +240,7 @@ def test_a_wrong_type_is_named(tmp_path: Path, text: str, key: str) -> None:
     ("[server]\nport = 65536\n", "server.port"),
     ('[server]\npath = "ws"\n', "server.path"),
     ('[server]\nallowed_origins = ["chat.example.com"]\n', "server.allowed_origins[0]"),
-    ("[server]\nmax_connections = 0\n", "server.max_connections"),
+    ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
     ("[limits]\nmax_frame_bytes = 100\n", "limits.max_frame_bytes"),
     ("[limits]\nmax_text_chars = 0\n", "limits.max_text_chars"),
     ("[limits]\nrate = 0\n", "limits.rate"),

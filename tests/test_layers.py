@@ -78,7 +78,8 @@ def rel(path: Path) -> str:
 ALL_FILES = sorted([*CHATD.rglob("*.py"), *LOADTEST.rglob("*.py")])
 CHATD_FILES = sorted(CHATD.rglob("*.py"))
 
-CORE = [CHATD / f"{name}.py" for name in ("protocol", "session", "hub", "ids", "codes", "errors")]
+CORE = [CHATD / f"{name}.py" for name in ("protocol", "session", "hub", "ids", "codes", "errors",
+                                                  "ratelimit")]
 CORE += sorted(p for p in (CHATD / "auth").glob("*.py") if p.name != "password_service.py")
 
 

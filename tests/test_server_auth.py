@@ -52,7 +52,8 @@ async def test_invalid_handshake_token_is_refused_with_401_before_the_upgrade(no
 
 async def test_expired_handshake_token_answers_token_expired(node_factory: NodeFactory) -> None:
     node = await node_factory(auth={"leeway": 0})
-    status, body = await refused(url(node, f"?token={issue('alice', ttl=10, issued_at=time.time() - 60)}"))
+    expired = issue("alice", ttl=10, issued_at=time.time() - 60)
+    status, body = await refused(url(node, f"?token={expired}"))
     assert (status, body["code"]) == (401, "token_expired")
 
 

@@ -116,7 +116,7 @@ async def test_slow_consumer_is_closed_4002_while_others_keep_receiving(
 
 async def test_node_full_answers_503_before_the_upgrade(node_factory: NodeFactory,
                                                        connect: ClientFactory) -> None:
-    node = await node_factory(server={"max_connections": 2})
+    node = await node_factory(limits={"max_connections": 2})
     await connect("alice", target=node)
     await connect("bob", target=node)
     assert await status_of(f"ws://127.0.0.1:{node.port}/ws?token={issue('carol')}") == 503

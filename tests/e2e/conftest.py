@@ -1,4 +1,4 @@
-"""A cluster for end-to-end tests: one real ``redis-server`` and several ``chatd serve`` processes."""
+"""End-to-end cluster fixtures: one real ``redis-server`` and several ``chatd serve`` processes."""
 
 from __future__ import annotations
 
