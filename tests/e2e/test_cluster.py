@@ -240,3 +240,27 @@ async def test_acknowledged_messages_survive_a_redis_restart_under_traffic(
         since = ids[-1]
     assert set(acked) <= set(stored)
     assert len(stored) == len(set(stored))
+
+
+async def test_a_drained_node_removes_its_presence_at_once(redis: RedisServer,
+                                                           tmp_path: Path) -> None:
+    """SIGTERM: the node's users leave the room now, not after presence.ttl (60 s here)."""
+    config = tmp_path / "long-ttl.toml"
+    config.write_text('[presence]\nttl = "60s"\n[server]\ndrain_window = "0.2s"\n')
+    env = {"CHATD_REDIS_URL": redis.url}
+    a = ChatdProcess(tmp_path / "a", config=config, node_id="node-a", env=env).start()
+    b = ChatdProcess(tmp_path / "b", config=config, node_id="node-b", env=env).start()
+    try:
+        for node in (a, b):
+            node.wait_http("/readyz", 200)
+        alice, bob = await login(a, "alice"), await login(b, "bob")
+        await alice.request("join", "joined", room="g")
+        await bob.request("join", "joined", room="g")
+        b.signal(signal.SIGTERM)
+        assert (await bob.closed())[0] == 1001
+        await alice.expect("presence", timeout=5, user="bob", status="offline")
+        assert (await alice.request("who", "who", room="g"))["members"] == ["alice"]
+        assert await asyncio.to_thread(b.wait) == 0
+    finally:
+        a.kill()
+        b.kill()
