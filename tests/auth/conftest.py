@@ -12,27 +12,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from chatd.config import AuthConfig, Config, KeySpec, ServerConfig
+from tests.clock import Clock
 
 SECRET = "s" * 40  # a valid default HS256 secret (>= 32 bytes)
 T0 = 1_800_000_000.0
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from chatd.backends.redis import create_redis_backend
 from chatd.backends.sqlite_state import SqliteState
 from chatd.ids import id_key
 from tests.backends.conftest import MAX_PER_ROOM, BackendNode, Cluster, backend_config, eventually
+from tests.clock import Clock
 from tests.redis_server import RedisServer
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -398,17 +399,6 @@ async def test_drain_removes_this_nodes_entries_at_once(cluster: Cluster) -> Non
 # -- state --------------------------------------------------------------------------------------
 
 T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
