@@ -14,6 +14,7 @@ RSS_TARGET_MB_PER_10K = 250.0
 CONNECT_RATE_TARGET = 1000.0
 P99_TARGET_MS = 50.0
 SLOW_P99_TOLERANCE = 1.20
+REDIS_RATIO_TARGET = 1.25
 #: Connections of the full run per scenario: targets are judged from this size on.
 FULL_SIZE = {"connect-storm": 10000, "idle-soak": 10000, "fan-out": 1000, "slow-consumers": 1000}
 
@@ -78,6 +79,17 @@ def checks(scenario: str, runs: list[dict[str, Any]], params: dict[str, Any]) ->
                   per10k <= RSS_TARGET_MB_PER_10K,
                   f"{r['server']['rss_connected_mb']} MB for {r['connect']['ok']} sockets "
                   f"({per10k:.0f} MB per 10,000)", full)
+        if "sweep" in r:
+            sw = r["sweep"]
+            p99 = r["latency_ms"]["p99"]
+            detail = (f"p99 {p99} ms at {sw['final_rate']:g} msg/s "
+                      f"({sw['final_deliveries_per_s']:,.0f} deliveries/s), {sw['at']:.0%} of "
+                      f"the maximum sustained {sw['max_deliveries_per_s']:,.0f} deliveries/s")
+            if not sw["max_reached"]:
+                detail += " (maximum not reached: give higher --rates)"
+            check(f"p99 <= {P99_TARGET_MS:.0f} ms at {sw['at']:.0%} of max throughput", t,
+                  p99 is not None and p99 <= P99_TARGET_MS, detail,
+                  full and bool(sw["max_reached"]))
         if scenario == "slow-consumers" and "slow" in r:
             before = r["latency_before_slow_ms"]["p99"]
             after = r["latency_ms"]["p99"]
@@ -97,9 +109,21 @@ def checks(scenario: str, runs: list[dict[str, Any]], params: dict[str, Any]) ->
     if scenario == "fan-out" and chatd and ceiling and "server" in chatd and "server" in ceiling:
         a = chatd["server"]["cpu_us_per_delivery"]
         b = ceiling["server"]["cpu_us_per_delivery"]
-        if a and b:
+        nodes = int(params.get("nodes", 1))
+        with_redis = chatd["server"].get("cpu_us_per_delivery_with_redis")
+        if a and b and nodes == 1 and with_redis is None:
             check("server CPU per delivery <= ceiling (1.0x)", "chatd", a <= b,
                   f"chatd {a:.2f} us, ceiling {b:.2f} us: {a / b:.2f}x", full)
+        elif a and b:
+            # Through Redis: the nodes' CPU plus Redis's own is judged (Redis is part of what
+            # a delivery costs); the nodes alone are reported next to it.
+            judged = with_redis if with_redis is not None else a
+            what = "nodes + Redis" if with_redis is not None else "nodes (Redis not measured)"
+            check(f"CPU per delivery through Redis, {nodes} node(s), <= "
+                  f"{REDIS_RATIO_TARGET:.2f}x ceiling", "chatd",
+                  judged <= b * REDIS_RATIO_TARGET,
+                  f"{what} {judged:.2f} us ({judged / b:.2f}x), nodes alone {a:.2f} us "
+                  f"({a / b:.2f}x), ceiling {b:.2f} us", full)
     return out
 
 
@@ -115,6 +139,10 @@ def comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
         a, b = chatd["server"].get(key), ceiling["server"].get(key)
         if a is not None and b:
             out[f"{key}_ratio"] = round(a / b, 3)
+    a = chatd["server"].get("cpu_us_per_delivery_with_redis")
+    b = ceiling["server"].get("cpu_us_per_delivery")
+    if a is not None and b:
+        out["cpu_us_per_delivery_with_redis_ratio"] = round(a / b, 3)
     pa, pb = chatd["latency_ms"].get("p99"), ceiling["latency_ms"].get("p99")
     if pa is not None and pb:
         out["p99_ratio"] = round(pa / pb, 3)
@@ -177,7 +205,14 @@ def table(doc: dict[str, Any]) -> str:
         s = [r.get("server", {}) for r in runs]
         row("server cpu s", [x.get("cpu_s") for x in s])
         row("server us/delivery", [x.get("cpu_us_per_delivery") for x in s])
+        if any("redis_cpu_s" in x for x in s):
+            row("redis cpu s", [x.get("redis_cpu_s") for x in s])
+            row("redis us/delivery", [x.get("redis_us_per_delivery") for x in s])
+            row("nodes+redis us/deliv.", [x.get("cpu_us_per_delivery_with_redis") for x in s])
         row("server ms/connection", [x.get("cpu_ms_per_connection") for x in s])
+        if any(x.get("fanout_ms") for x in s):
+            row("server fan-out p50 ms", [(x.get("fanout_ms") or {}).get("p50") for x in s])
+            row("server fan-out p99 ms", [(x.get("fanout_ms") or {}).get("p99") for x in s])
         row("server RSS MB (conn)", [x.get("rss_connected_mb") for x in s])
         row("server RSS MB (max)", [x.get("rss_max_mb") for x in s])
         row("RSS KB/connection", [x.get("rss_kb_per_connection") for x in s])
@@ -190,6 +225,30 @@ def table(doc: dict[str, Any]) -> str:
     head = " " * width + "  " + "  ".join(f"{r['target']:>14}" for r in runs)
     lines = [f"{doc['scenario']}  ({doc['params']['connections']} connections)", head]
     lines += [f"{label:<{width}}  " + "  ".join(f"{v:>14}" for v in vals) for label, vals in rows]
+    for r in runs:
+        sw = r.get("sweep")
+        if not sw:
+            continue
+        lines.append(f"sweep ({r['target']}): offered deliveries/s -> on time, p99, server, "
+                     "client workers")
+        for st in sw["steps"]:
+            lines.append(f"  {st['rate']:>8g} msg/s {st['intended_per_s']:>10,.0f}/s  "
+                         f"{st['on_time_ratio']:>7.2%}  p99 {_fmt(st['p99_ms'], ' ms'):>12}  "
+                         f"server {_fmt(st['server_cpu_util'])} core  client "
+                         f"{st['client_util']}  {'ok' if st['sustained'] else 'NOT sustained'}")
+        lines.append(f"  maximum sustained: {_fmt(sw['max_deliveries_per_s'])} deliveries/s; "
+                     f"final run at {sw['at']:.0%}: {_fmt(sw['final_deliveries_per_s'])}/s"
+                     + (f"  ({sw['note']})" if sw["note"] else ""))
+    for r in runs:
+        mc = r.get("machine")
+        if mc:
+            lines.append(f"machine ({r['target']}): load average {mc['load1']} / {mc['load5']}, "
+                         f"other processes {mc['others_cores']} cores before, "
+                         f"{mc.get('others_cores_connect')} while connecting, "
+                         f"{mc.get('others_cores_during')} while measuring; waited "
+                         f"{mc['waited_s']} s"
+                         + ("" if mc["quiet"] and not mc.get("disturbed")
+                            else "  BUSY: figures pessimistic"))
     for k, v in doc["comparison"].items():
         lines.append(f"{k}: {v}")
     for c in doc["checks"]:
@@ -273,6 +332,53 @@ def picture(doc: dict[str, Any], runs: list[dict[str, Any]], path: Path) -> bool
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def sweep_picture(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Delivery rate achieved and p99 against the rate offered, for each swept target."""
+    swept = [r for r in runs if r.get("sweep")]
+    if not swept:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_tp, ax_p99) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=80)
+    for k, r in enumerate(swept):
+        steps = sorted(r["sweep"]["steps"], key=lambda st: st["rate"])
+        xs = [st["intended_per_s"] for st in steps]
+        color = f"C{k}"
+        ax_tp.plot(xs, [st["intended_per_s"] * st["on_time_ratio"] for st in steps], "o-",
+                   color=color, label=f"{r['target']} on time")
+        ax_p99.plot(xs, [st["p99_ms"] for st in steps], "o-", color=color,
+                    label=f"{r['target']} p99")
+        final = r["sweep"]["final_deliveries_per_s"]
+        if final:
+            ax_p99.plot([final], [r["latency_ms"]["p99"]], "*", markersize=14, color=color,
+                        label=f"{r['target']} at {r['sweep']['at']:.0%} of max")
+            ax_tp.axvline(r["sweep"]["max_deliveries_per_s"], color=color, linestyle=":",
+                          label=f"{r['target']} max sustained")
+    lim = max(st["intended_per_s"] for r in swept for st in r["sweep"]["steps"])
+    ax_tp.plot([0, lim], [0, lim], color="grey", linewidth=0.8, label="offered")
+    ax_tp.set_xlabel("offered deliveries/s")
+    ax_tp.set_ylabel("delivered on time /s")
+    ax_tp.set_title("throughput sweep")
+    ax_p99.set_yscale("log")
+    ax_p99.axhline(P99_TARGET_MS, color="red", linewidth=0.8, linestyle="--",
+                   label=f"{P99_TARGET_MS:.0f} ms")
+    ax_p99.set_xlabel("offered deliveries/s")
+    ax_p99.set_ylabel("p99 latency (ms)")
+    ax_p99.set_title("delivery latency")
+    for ax in (ax_tp, ax_p99):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -30,8 +30,9 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from loadtest import stats
+from loadtest.quiet import OthersMeter
 from loadtest.scenarios import Plan
-from loadtest.servers import Probe, Sample, ServerError, close_counts
+from loadtest.servers import Probe, Sample, ServerError, close_counts, fanout_buckets
 from loadtest.worker import BIN, cpu_seconds
 from loadtest.worker import main as worker_main
 
@@ -56,6 +57,8 @@ class Target:
     secret: str
     probe: Probe | None = None
     alive: Callable[[], None] = lambda: None
+    #: the server processes on this machine (and Redis): not "other" load.
+    pids: list[int] = field(default_factory=list)
 
 
 class Progress:
@@ -123,6 +126,20 @@ class Coordinator:
         self.last_sample = 0.0
         #: closes by code reported by the server's /metrics during the run (None: unknown).
         self.server_closes: dict[str, int] | None = None
+        #: called at phase boundaries: connect_start, connect_end, measure_start, measure_end
+        #: (``--profile`` starts and stops py-spy there).
+        self.hooks: dict[str, Callable[[], None]] = {}
+        #: measures the CPU of everything else on the machine during the measured phase.
+        self.others = OthersMeter(target.pids)
+        self.others_cores: float | None = None
+        self.others_cores_connect: float | None = None
+        #: chatd's own fan-out time per message over the measured phase (from /metrics).
+        self.fanout_ms: dict[str, Any] | None = None
+
+    def hook(self, name: str) -> None:
+        fn = self.hooks.get(name)
+        if fn is not None:
+            fn()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -228,6 +245,8 @@ class Coordinator:
         s0 = self.sample()
         closes0 = close_counts(self.target.urls)
         cpu0 = cpu_seconds()
+        self.hook("connect_start")
+        self.others.start(p.pid for p in self.procs if p.pid is not None)
         start = time.time() + 0.3
         self.broadcast("connect", start)
         ramp = n / p.connect_rate if p.connect_rate > 0 else 0.0
@@ -242,10 +261,15 @@ class Coordinator:
         self.pump(self.have("ready"), ramp + p.connect_timeout + 60, "connections", show_connect)
         show_connect()
         self.bar.done()
+        self.others_cores_connect = self.others.stop()
+        self.hook("connect_end")
         # Settle: joins can set off a burst of frames (presence to every member: N^2/2 in one
         # room); start measuring only once the clients have read them.
         self.wait_quiet("frames", SETTLE)
+        fan0 = fanout_buckets(self.target.urls) if self.target.name == "chatd" else None
         s1 = self.sample()
+        self.hook("measure_start")
+        self.others.start()
         go = time.time() + 0.3
         self.broadcast("go", go)
         s_go = s1
@@ -262,6 +286,16 @@ class Coordinator:
         show_send()
         self.bar.done()
         s_end = self.sample()
+        self.others_cores = self.others.stop()
+        fan1 = fanout_buckets(self.target.urls) if fan0 is not None else None
+        if fan0 is not None and fan1 is not None:
+            delta = {b: n - fan0.get(b, 0.0) for b, n in fan1.items()}
+            self.fanout_ms = {
+                "count": int(max(delta.values(), default=0)),
+                **{f"p{q:g}": None if (v := stats.histogram_quantile(delta, q)) is None
+                   else round(v * 1e3, 3) for q in (50.0, 99.0)},
+            }
+        self.hook("measure_end")
         self.broadcast("collect")
         self.pump(self.have("acked"), 60, "acknowledgement maps")
         merged: dict[int, bytes] = {}
@@ -359,6 +393,8 @@ class Coordinator:
                 "server": [[round(s.t - self.t_start, 2), round(s.cpu, 3), s.rss]
                            for s in self.st.samples],
             },
+            "others_cores": self.others_cores,
+            "others_cores_connect": self.others_cores_connect,
             "client": {
                 "cpu_s": round(client_cpu, 3),
                 "coordinator_cpu_s": round(coordinator_cpu, 3),
@@ -402,7 +438,23 @@ class Coordinator:
                 "rss_kb_per_connection": round((s1.rss - s0.rss) / 1024 / connected, 2)
                 if connected else None,
             }
+            out["server"]["fanout_ms"] = self.fanout_ms
             out["client"]["cpu_vs_server"] = (
                 round(client_cpu / cpu_phase, 2) if cpu_phase > 0 else None
             )
+            if s_go.aux_cpu is not None and s_end.aux_cpu is not None:
+                # The Redis the nodes share: what fan-out through it costs on top of the nodes.
+                aux = s_end.aux_cpu - s_go.aux_cpu
+                both = cpu_phase + aux
+                out["server"].update({
+                    "redis_cpu_s": round(aux, 3),
+                    "redis_cpu_util": round(aux / max(1e-9, s_end.t - s_go.t), 3),
+                    "redis_us_per_delivery": round(aux * 1e6 / delivered, 3) if delivered
+                    else None,
+                    "cpu_us_per_delivery_with_redis": round(both * 1e6 / delivered, 3)
+                    if delivered else None,
+                })
+                if s0.aux_cpu is not None and s1.aux_cpu is not None and connected:
+                    out["server"]["redis_cpu_ms_per_connection"] = round(
+                        (s1.aux_cpu - s0.aux_cpu) * 1e3 / connected, 4)
         return out

@@ -172,6 +172,30 @@ def close_counts(urls: list[str]) -> dict[str, int] | None:
     return total
 
 
+def fanout_buckets(urls: list[str]) -> dict[float, float] | None:
+    """chatd's ``chatd_fanout_seconds`` histogram (cumulative buckets), summed over the nodes.
+
+    The time a node takes to hand one frame to every local recipient: the server's own part
+    of a delivery's latency, without the client's or the scheduler's. None when a node has no
+    such histogram (the ceiling) or its /metrics cannot be read.
+    """
+    total: dict[float, float] = {}
+    for url in MetricsProbe(urls).urls:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except (OSError, urllib.error.URLError):
+            return None
+        for line in text.splitlines():
+            if line.startswith("chatd_fanout_seconds_bucket{"):
+                labels, _, value = line.partition("} ")
+                le = labels.split('le="', 1)[-1].split('"', 1)[0]
+                with contextlib.suppress(ValueError):
+                    bound = float(le)
+                    total[bound] = total.get(bound, 0.0) + float(value)
+    return total or None
+
+
 def free_port(host: str) -> int:
     """A TCP port free right now on ``host``; never 6379 (a shared Redis may live there)."""
     while True:

@@ -50,3 +50,25 @@ def per_bin(bins: Sequence[int], values: Sequence[float], nbins: int,
         g.sort()
         out.append(round(percentile(g, q), 3) if g else None)
     return out
+
+
+def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """The ``q``-th percentile of a Prometheus histogram's cumulative buckets (``le`` -> count).
+
+    Linear within the bucket it falls in, as PromQL's ``histogram_quantile`` does; the upper
+    bound of the last finite bucket when it falls in ``+Inf``. None without observations.
+    """
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q / 100.0 * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            width = count - below
+            return lower + (bound - lower) * ((rank - below) / width if width else 1.0)
+        lower, below = bound, count
+    return lower

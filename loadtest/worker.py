@@ -51,15 +51,21 @@ def cpu_seconds() -> float:
 
 
 class Target:
-    """Where connection ``i`` goes: URL list round-robin, source address round-robin."""
+    """Where connection ``i`` goes: URL list round-robin, source address round-robin.
 
-    def __init__(self, urls: list[str], source_addrs: list[str]) -> None:
+    Connection ``i`` belongs to worker ``i % W``; it goes to node ``(i // W) % nodes``, so every
+    worker has connections on every node (with ``i % nodes`` and as many workers as nodes, each
+    worker would only ever talk to one node, and its timed deliveries would all be node-local).
+    """
+
+    def __init__(self, urls: list[str], source_addrs: list[str], nworkers: int = 1) -> None:
         self.urls = urls
         self.resolved = [resolve(u) for u in urls]
         self.sources = source_addrs
+        self.nworkers = max(1, nworkers)
 
     def pick(self, i: int) -> tuple[str, int, tuple[Any, ...], str | None]:
-        k = i % len(self.urls)
+        k = (i // self.nworkers) % len(self.urls) if i >= 0 else i % len(self.urls)
         family, addr = self.resolved[k]
         src = self.sources[i % len(self.sources)] if self.sources else None
         return self.urls[k], family, addr, src
@@ -182,7 +188,7 @@ class Worker:
         self.p = plan.params
         self.wid = wid
         self.nworkers = plan.workers
-        self.target = Target(urls, source_addrs)
+        self.target = Target(urls, source_addrs, plan.workers)
         self.secret = secret
         self.pipe = pipe
         self.counts = plan.counts

@@ -17,7 +17,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from loadtest import report, scenarios, stats
+from loadtest import quiet, report, scenarios, stats, sweep
+from loadtest.profile import summarize
 from loadtest.servers import parse_metrics
 from loadtest.tokens import SecretError, find_secret, mint
 
@@ -169,3 +170,120 @@ def test_a_lost_delivery_fails_the_checks() -> None:
            "connect": {"failed": 0, "failures": {}}, "latency_ms": {"p99": 1.0}}
     results = report.checks("fan-out", [run], {"connections": 10})
     assert [c["ok"] for c in results if c["name"] == "no lost deliveries"] == [False]
+
+
+@pytest.mark.e2e
+def test_two_nodes_through_a_private_redis_deliver_everything_and_count_redis_cpu(
+        tmp_path: Path) -> None:
+    proc = run_harness("fan-out", "--smoke", "--start-server", "chatd", "--nodes", "2",
+                       "--duration", "1", "--out", str(tmp_path), "--name", "redis",
+                       "--no-plot")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    doc = json.loads((tmp_path / "redis.json").read_text())
+    assert (doc["params"]["nodes"], doc["params"]["redis"]) == (2, "private")
+    (run,) = doc["runs"]
+    assert len(run["urls"]) == 2
+    assert_clean_delivery(run)
+    assert run["messages"]["delivered"] == run["messages"]["sent"] * doc["params"]["connections"]
+    server = run["server"]
+    assert server["redis_cpu_s"] > 0
+    assert server["cpu_us_per_delivery_with_redis"] > server["cpu_us_per_delivery"]
+
+
+def test_connections_of_each_worker_are_spread_over_every_node() -> None:
+    from loadtest.worker import Target
+
+    target = Target(["ws://127.0.0.1:1/ws", "ws://127.0.0.1:2/ws"], [], nworkers=2)
+    nodes_of_worker = {w: {target.pick(i)[0] for i in range(w, 40, 2)} for w in (0, 1)}
+    assert all(len(urls) == 2 for urls in nodes_of_worker.values())
+
+
+def _step_run(on_time: int, p99: float, p50_by_bin: list[float], scheduled: int = 100) -> dict:
+    return {
+        "messages": {"scheduled": scheduled, "deliveries_per_s": 1.0, "lost": 0},
+        "timeline": {"bin_s": 0.25, "delivered": [on_time], "p50_ms": p50_by_bin},
+        "latency_ms": {"p50": 1.0, "p99": p99, "p99.9": p99},
+        "send_lag_ms": {"p99": 0.0},
+        "client": {"worker_util": [0.5], "saturated": False},
+    }
+
+
+def test_a_step_is_sustained_only_on_time_and_without_a_growing_queue() -> None:
+    opts = sweep.SweepOptions([10.0])
+    steady = [5.0] * 40
+    assert sweep.judge(_step_run(1000, 20.0, steady), 10.0, 10, 10.0, opts)["sustained"]
+    late = sweep.judge(_step_run(980, 20.0, steady), 10.0, 10, 10.0, opts)
+    assert not late["sustained"] and late["on_time_ratio"] == 0.98
+    assert not sweep.judge(_step_run(1000, 600.0, steady), 10.0, 10, 10.0, opts)["sustained"]
+    growing = [5.0 + 3 * i for i in range(40)]
+    assert sweep.latency_grows(growing)
+    assert not sweep.judge(_step_run(1000, 200.0, growing), 10.0, 10, 10.0, opts)["sustained"]
+    assert not sweep.latency_grows([1.0] * 10 + [9.0] * 10)  # jitter, not a queue
+
+
+def test_the_sweep_bisects_between_the_last_sustained_rate_and_the_first_failure() -> None:
+    limit = 70.0
+    measured: list[float] = []
+
+    def measure(rate: float | None) -> dict:
+        assert rate is not None
+        measured.append(rate)
+        ok = rate <= limit
+        return _step_run(1000 if ok else 500, 10.0, [5.0] * 40, scheduled=100)
+
+    res = sweep.sweep(measure, 10, 10.0, sweep.SweepOptions([40, 60, 80, 100], refine=1),
+                      lambda _s: None)
+    assert measured == [40, 60, 80, 70.0, 49.0]
+    assert res.max_rate == 70.0 and res.max_reached
+    assert res.final_rate == 49.0
+    assert res.final is not None and res.final["sweep_step"]["rate"] == 49.0
+
+
+def test_the_latency_check_is_judged_on_the_run_at_seventy_percent_of_the_maximum() -> None:
+    run = {"target": "chatd", "messages": {"lost": 0, "expected": 10, "duplicated": 0},
+           "connect": {"failed": 0, "failures": {}}, "latency_ms": {"p99": 60.0},
+           "sweep": {"final_rate": 49.0, "final_deliveries_per_s": 49000.0, "at": 0.7,
+                     "max_deliveries_per_s": 70000.0, "max_reached": True}}
+    results = report.checks("fan-out", [run], {"connections": 1000})
+    (check,) = [c for c in results if c["name"].startswith("p99 <= 50 ms")]
+    assert check["ok"] is False and "49,000 deliveries/s" in check["detail"]
+
+
+def test_through_redis_the_nodes_plus_redis_are_judged_against_one_and_a_quarter() -> None:
+    def run(target: str, us: float, with_redis: float | None = None) -> dict:
+        server = {"cpu_us_per_delivery": us}
+        if with_redis is not None:
+            server["cpu_us_per_delivery_with_redis"] = with_redis
+        return {"target": target, "messages": {"lost": 0, "expected": 1, "duplicated": 0},
+                "connect": {"failed": 0, "failures": {}}, "latency_ms": {"p99": 1.0},
+                "server": server}
+
+    params = {"connections": 1000, "nodes": 2}
+    ok = report.checks("fan-out", [run("chatd", 10.0, 12.0), run("ceiling", 10.0)], params)
+    assert [c["ok"] for c in ok if "through Redis" in c["name"]] == [True]
+    bad = report.checks("fan-out", [run("chatd", 10.0, 13.0), run("ceiling", 10.0)], params)
+    assert [c["ok"] for c in bad if "through Redis" in c["name"]] == [False]
+
+
+def test_a_quiet_check_that_does_not_wait_still_records_the_load_average() -> None:
+    seen = quiet.wait_quiet(None, 0.0, [])
+    assert seen["quiet"] is True and seen["waited_s"] == 0.0
+    assert isinstance(seen["load1"], float)
+
+
+def test_the_profile_summary_counts_self_and_inclusive_time(tmp_path: Path) -> None:
+    folded = tmp_path / "p.folded"
+    folded.write_text("main (a.py:1);fan (b.py:2);write (c.py:3) 3\n"
+                      "main (a.py:1);fan (b.py:9) 1\n")
+    text = summarize(folded)
+    assert "4 samples" in text
+    assert "75.0   write (c.py)" in text
+    assert "100.0   fan (b.py)" in text
+
+
+def test_histogram_quantiles_interpolate_within_a_bucket_like_promql() -> None:
+    buckets = {0.001: 50.0, 0.01: 90.0, 0.1: 100.0, float("inf"): 100.0}
+    assert stats.histogram_quantile(buckets, 50) == pytest.approx(0.001)
+    assert stats.histogram_quantile(buckets, 70) == pytest.approx(0.0055)
+    assert stats.histogram_quantile(buckets, 99) == pytest.approx(0.091)
+    assert stats.histogram_quantile({0.1: 0.0, float("inf"): 0.0}, 99) is None
