@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import math
+import math
 import os
 import re
 import socket
@@ -219,6 +220,8 @@ def _convert(value: object, tp: Any, key: str) -> object:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

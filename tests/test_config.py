@@ -478,3 +478,12 @@ def test_config_toml_auth_keys_example_loads_when_uncommented(tmp_path: Path) ->
     key = c.auth.keys[0]
     assert key.kid and key.alg in ("HS256", "HS384", "HS512", "RS256", "ES256", "EdDSA")
     assert set(_fields(KeySpec)) <= {b.split("=")[0].strip() for b in block[1:]}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_rate_that_is_not_a_finite_number_is_refused(tmp_path: Path, value: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[limits]\nrate = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(f, env={})
+    assert info.value.key == "limits.rate"
