@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import math
-import math
 import os
 import re
 import socket
