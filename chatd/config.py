@@ -117,6 +117,7 @@ class LimitsConfig:
     max_rooms_per_connection: int = 100
     max_connections_per_user: int = 20
     max_outbound_bytes: int = 1 << 20
+    socket_send_buffer: int = 1 << 18
     rate: float = 20.0
     burst: int = 40
     max_bad_frames: int = 10
@@ -366,6 +367,7 @@ def validate(c: Config) -> None:
         ("limits.max_rooms_per_connection", lim.max_rooms_per_connection, 1),
         ("limits.max_connections_per_user", lim.max_connections_per_user, 1),
         ("limits.max_outbound_bytes", lim.max_outbound_bytes, 1024),
+        ("limits.socket_send_buffer", lim.socket_send_buffer, 0),
         ("limits.rate", lim.rate, 0.001),
         ("limits.burst", lim.burst, 1),
         ("limits.max_bad_frames", lim.max_bad_frames, 1),

@@ -88,6 +88,21 @@ class Node:
         for conn in self.connections:
             conn.max_outbound = config.limits.max_outbound_bytes
             conn.session.limits = config.limits
+        self._size_send_buffers()
+
+    def _size_send_buffers(self) -> None:
+        """Fix the kernel send buffer of connections accepted from now on.
+
+        Set on the listening sockets, which accepted sockets inherit it from (Linux). Left to
+        autotuning, the kernel grows a busy socket's buffer up to ``tcp_wmem``'s maximum (4 MiB)
+        and a client that stops reading can hide that much there before ``max_outbound_bytes``
+        sees anything: slow consumers are then noticed late, and 10,000 of them could pin
+        gigabytes of kernel memory.
+        """
+        size = self.config.limits.socket_send_buffer
+        if size and self.server is not None:
+            for sock in self.server.sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -111,6 +126,7 @@ class Node:
             create_connection=_bounded_connection(self),
             **where,
         )
+        self._size_send_buffers()
         return self.server
 
     @property

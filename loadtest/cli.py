@@ -155,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--refine", type=_count, default=1,
                    help="bisection steps between the last sustained rate and the first not "
                    "(default 1)")
+    g.add_argument("--repeat", type=_positive_int, default=3,
+                   help="final runs at --at of the maximum; the median p99 is judged and every "
+                   "run is reported (default 3)")
     g = ap.add_argument_group("a quiet machine (client and server share it)")
     g.add_argument("--max-load", type=_non_negative,
                    help="before each measurement wait until the 1-minute load average is "
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if params.scenario not in ("fan-out", "many-rooms", "dm"):
             return fail("--rates: only for fan-out, many-rooms and dm")
         sweep_opts = sweep.SweepOptions(args.rates, at=args.at, sustain=args.sustain,
-                                        explode_ms=args.explode_ms, refine=args.refine)
+                                        explode_ms=args.explode_ms, refine=args.refine,
+                                        repeat=args.repeat)
         per_message = (plan.audience(plan.senders[0]) if params.scenario == "fan-out"
                        else params.room_size if params.scenario == "many-rooms" else 1)
     max_load = (None if args.smoke else 1.0) if args.max_load is None else (

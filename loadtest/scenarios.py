@@ -38,7 +38,7 @@ class Params:
         room_size: members per room (idle-soak, many-rooms, churn).
         duration: seconds of sending (idle-soak: seconds of holding the sockets open).
         size: characters of each message's ``text`` (at least the header the harness needs).
-        slow_fraction: share of members that stop reading halfway (slow-consumers).
+        slow_fraction: share of members that stop reading a quarter of the way in (slow-consumers).
         churn: connections that keep connecting, living ``churn_life`` and leaving (churn).
         churn_life: seconds a churning connection stays.
         auth: ``query`` (``?token=``), ``frame`` (first-frame ``auth``) or ``login``.
@@ -70,6 +70,11 @@ class Params:
     ttl: float = 7200.0
     max_outbound: int | None = None
 
+#: Share of the measured phase after which slow consumers stop reading. A quarter leaves three
+#: quarters for a stalled socket to fill the kernel's send buffer (Linux autotunes it up to
+#: ``tcp_wmem``'s 4 MiB) and then the server's ``limits.max_outbound_bytes`` (1 MiB) at
+#: ~100 KB/s, so every slow consumer is closed within the run rather than only some.
+SLOW_AT = 0.25
 
 #: Full-run defaults per scenario (one command each reproduces a row of docs/benchmarks.md).
 FULL: dict[str, dict[str, object]] = {
@@ -83,7 +88,7 @@ FULL: dict[str, dict[str, object]] = {
         "duration": 20.0,
     },
     "slow-consumers": {
-        "connections": 1000, "senders": 10, "rate": 50.0, "duration": 40.0, "size": 2000,
+        "connections": 1000, "senders": 10, "rate": 50.0, "duration": 60.0, "size": 2000,
         "slow_fraction": 0.05,
     },
 }
@@ -220,7 +225,7 @@ def build(p: Params, workers: int) -> Plan:
         senders = _schedule(list(range(s)), [(room, None)] * s, p)
         plan = Plan(p, workers, conns, senders)
         if p.scenario == "slow-consumers":
-            plan.slow_at = p.duration / 2
+            plan.slow_at = p.duration * SLOW_AT
     elif p.scenario == "dm":
         conns = [ConnSpec(i, user[i]) for i in range(n)]
         # The partner is W connections further on, so (when W divides n) it lives in the same

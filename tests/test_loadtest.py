@@ -139,7 +139,7 @@ def test_slow_consumers_are_the_requested_share_and_never_senders() -> None:
     slow = [c.idx for c in plan.conns if c.slow]
     assert len(slow) == round((p.connections - p.senders) * p.slow_fraction)
     assert not set(slow) & {s.idx for s in plan.senders}
-    assert plan.slow_at == p.duration / 2
+    assert plan.slow_at == p.duration * scenarios.SLOW_AT
 
 
 def test_direct_message_partners_live_in_the_senders_worker() -> None:
@@ -231,12 +231,27 @@ def test_the_sweep_bisects_between_the_last_sustained_rate_and_the_first_failure
         ok = rate <= limit
         return _step_run(1000 if ok else 500, 10.0, [5.0] * 40, scheduled=100)
 
-    res = sweep.sweep(measure, 10, 10.0, sweep.SweepOptions([40, 60, 80, 100], refine=1),
-                      lambda _s: None)
+    res = sweep.sweep(measure, 10, 10.0,
+                      sweep.SweepOptions([40, 60, 80, 100], refine=1, repeat=1), lambda _s: None)
     assert measured == [40, 60, 80, 70.0, 49.0]
     assert res.max_rate == 70.0 and res.max_reached
     assert res.final_rate == 49.0
     assert res.final is not None and res.final["sweep_step"]["rate"] == 49.0
+
+
+def test_the_final_run_is_repeated_and_the_median_p99_is_the_one_judged() -> None:
+    finals = iter([90.0, 12.0, 30.0])
+
+    def measure(rate: float | None) -> dict:
+        assert rate is not None
+        p99 = 10.0 if rate == 100 else next(finals)
+        return _step_run(1000, p99, [5.0] * 40, scheduled=100)
+
+    res = sweep.sweep(measure, 10, 10.0, sweep.SweepOptions([100], repeat=3), lambda _s: None)
+    assert [f["p99_ms"] for f in res.finals] == [90.0, 12.0, 30.0]
+    assert res.final is not None and res.final["latency_ms"]["p99"] == 30.0
+    assert [f["p99_ms"] for f in res.summary(sweep.SweepOptions([100]))["finals"]] == [
+        90.0, 12.0, 30.0]
 
 
 def test_the_latency_check_is_judged_on_the_run_at_seventy_percent_of_the_maximum() -> None:

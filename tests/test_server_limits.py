@@ -6,6 +6,7 @@ import asyncio
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
@@ -15,7 +16,7 @@ from websockets.exceptions import InvalidStatus
 from chatd.server import Node
 from tests.client import Client
 from tests.conftest import ClientFactory, NodeFactory
-from tests.nodes import issue
+from tests.nodes import issue, make_config
 
 
 def get(node: Node, path: str) -> tuple[int, bytes]:
@@ -112,6 +113,25 @@ async def test_slow_consumer_is_closed_4002_while_others_keep_receiving(
         await reader.expect("message")
     assert len(reader.seen("message")) == sent
     slow.transport.abort()
+
+
+async def test_connections_get_the_configured_kernel_send_buffer_also_after_a_reload(
+        node_factory: NodeFactory, connect: ClientFactory, tmp_path: Path) -> None:
+    # Fixed rather than autotuned, a stalled client can hide at most this much in the kernel
+    # before limits.max_outbound_bytes sees it (Linux reports twice the size set).
+    node = await node_factory(limits={"socket_send_buffer": 65536})
+
+    def send_buffer(user: str) -> int:
+        conn = next(c for c in node.connections if c.user == user)
+        sock = conn.ws.transport.get_extra_info("socket")
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+    await connect("alice", target=node)
+    assert send_buffer("alice") == 2 * 65536
+    node.apply(make_config(tmp_path, limits={"socket_send_buffer": 32768}), node.keyring)
+    await connect("bob", target=node)
+    assert send_buffer("bob") == 2 * 32768
+    assert send_buffer("alice") == 2 * 65536
 
 
 async def test_node_full_answers_503_before_the_upgrade(node_factory: NodeFactory,
