@@ -370,8 +370,12 @@ def sweep_picture(runs: list[dict[str, Any]], path: Path) -> bool:
                     label=f"{r['target']} p99")
         final = r["sweep"]["final_deliveries_per_s"]
         if final:
+            finals = [f["p99_ms"] for f in r["sweep"].get("finals", [])] or [
+                r["latency_ms"]["p99"]]
+            ax_p99.plot([final] * len(finals), finals, "x", markersize=8, color=color,
+                        label=f"{r['target']} runs at {r['sweep']['at']:.0%} of max")
             ax_p99.plot([final], [r["latency_ms"]["p99"]], "*", markersize=14, color=color,
-                        label=f"{r['target']} at {r['sweep']['at']:.0%} of max")
+                        label=f"{r['target']} median run")
             ax_tp.axvline(r["sweep"]["max_deliveries_per_s"], color=color, linestyle=":",
                           label=f"{r['target']} max sustained")
     lim = max(st["intended_per_s"] for r in swept for st in r["sweep"]["steps"])
