@@ -27,7 +27,6 @@ from chatd.backends.base import (
 from chatd.config import Config
 from chatd.ids import IdClock, id_key
 
-
 #: One retained message: (sort key, id, frame). A plain tuple of ints, a str and bytes, so the
 #: cycle collector stops tracking it after one pass; as objects (a StoredMessage per entry) tens of
 #: thousands of them were scanned by every full collection, which with 5,000 connections took
