@@ -28,9 +28,10 @@ from chatd.config import Config
 from chatd.ids import IdClock, id_key
 
 #: One retained message: (sort key, id, frame). A plain tuple of ints, a str and bytes, so the
-#: cycle collector stops tracking it after one pass; as objects (a StoredMessage per entry) tens of
-#: thousands of them were scanned by every full collection, which with 5,000 connections took
-#: 200 ms and stalled every delivery for that long.
+#: cycle collector stops tracking it after a pass or two. As objects (a StoredMessage per entry)
+#: every retained message was scanned by every full collection: with the default 1,000 kept per
+#: room, 1,000 busy rooms were 2 million objects, close to a second of stalled deliveries each
+#: time (0.43 us per object measured here).
 _Entry = tuple[tuple[int, int], str, bytes]
 
 
