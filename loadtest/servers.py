@@ -151,12 +151,13 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def close_counts(urls: list[str]) -> dict[str, int] | None:
-    """Connections closed by the server(s), by close code (``chatd_closes_total{code=...}``).
+def _samples(urls: list[str], metric: str, label: str) -> list[tuple[str, float]] | None:
+    """``(value of label, sample)`` for each sample of ``metric`` on each node's /metrics.
 
     None when a node's /metrics cannot be read: the figure is then simply not reported.
     """
-    total: dict[str, int] = {}
+    prefix, key = metric + "{", label + '="'
+    out: list[tuple[str, float]] = []
     for url in MetricsProbe(urls).urls:
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
@@ -164,11 +165,21 @@ def close_counts(urls: list[str]) -> dict[str, int] | None:
         except (OSError, urllib.error.URLError):
             return None
         for line in text.splitlines():
-            if line.startswith("chatd_closes_total{"):
+            if line.startswith(prefix):
                 labels, _, value = line.partition("} ")
-                code = labels.split('code="', 1)[-1].split('"', 1)[0]
                 with contextlib.suppress(ValueError):
-                    total[code] = total.get(code, 0) + int(float(value))
+                    out.append((labels.split(key, 1)[-1].split('"', 1)[0], float(value)))
+    return out
+
+
+def close_counts(urls: list[str]) -> dict[str, int] | None:
+    """Connections closed by the server(s), by close code (``chatd_closes_total{code=...}``)."""
+    samples = _samples(urls, "chatd_closes_total", "code")
+    if samples is None:
+        return None
+    total: dict[str, int] = {}
+    for code, value in samples:
+        total[code] = total.get(code, 0) + int(value)
     return total
 
 
@@ -180,19 +191,10 @@ def fanout_buckets(urls: list[str]) -> dict[float, float] | None:
     such histogram (the ceiling) or its /metrics cannot be read.
     """
     total: dict[float, float] = {}
-    for url in MetricsProbe(urls).urls:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                text = resp.read().decode()
-        except (OSError, urllib.error.URLError):
-            return None
-        for line in text.splitlines():
-            if line.startswith("chatd_fanout_seconds_bucket{"):
-                labels, _, value = line.partition("} ")
-                le = labels.split('le="', 1)[-1].split('"', 1)[0]
-                with contextlib.suppress(ValueError):
-                    bound = float(le)
-                    total[bound] = total.get(bound, 0.0) + float(value)
+    for le, value in _samples(urls, "chatd_fanout_seconds_bucket", "le") or ():
+        with contextlib.suppress(ValueError):
+            bound = float(le)
+            total[bound] = total.get(bound, 0.0) + value
     return total or None
 
 

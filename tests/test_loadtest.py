@@ -302,3 +302,35 @@ def test_histogram_quantiles_interpolate_within_a_bucket_like_promql() -> None:
     assert stats.histogram_quantile(buckets, 70) == pytest.approx(0.0055)
     assert stats.histogram_quantile(buckets, 99) == pytest.approx(0.091)
     assert stats.histogram_quantile({0.1: 0.0, float("inf"): 0.0}, 99) is None
+
+
+def test_close_counts_and_fan_out_buckets_are_summed_over_the_nodes() -> None:
+    import http.server
+    import threading
+
+    from loadtest.servers import close_counts, fanout_buckets
+
+    body = (b'# HELP chatd_closes_total x\nchatd_closes_total{code="4002"} 3.0\n'
+            b'chatd_closes_total{code="1000"} 1.0\n'
+            b'chatd_fanout_seconds_bucket{le="0.005"} 7.0\n'
+            b'chatd_fanout_seconds_bucket{le="+Inf"} 9.0\n')
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    node = f"ws://127.0.0.1:{server.server_address[1]}/ws"
+    try:
+        assert close_counts([node, node]) == {"4002": 6, "1000": 2}
+        assert fanout_buckets([node, node]) == {0.005: 14.0, float("inf"): 18.0}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert close_counts([node]) is None  # an unreadable /metrics: no figure, not a crash
