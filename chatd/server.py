@@ -93,11 +93,11 @@ class Node:
     def _size_send_buffers(self) -> None:
         """Fix the kernel send buffer of connections accepted from now on.
 
-        Set on the listening sockets, which accepted sockets inherit it from (Linux). Left to
-        autotuning, the kernel grows a busy socket's buffer up to ``tcp_wmem``'s maximum (4 MiB)
-        and a client that stops reading can hide that much there before ``max_outbound_bytes``
-        sees anything: slow consumers are then noticed late, and 10,000 of them could pin
-        gigabytes of kernel memory.
+        Set on the listening sockets: accepted sockets inherit it (Linux). Left to autotuning,
+        the kernel grows a busy socket's buffer up to ``tcp_wmem``'s maximum (4 MiB), and a
+        client that stops reading can hide that much there before ``max_outbound_bytes`` sees
+        anything: slow consumers are then noticed late, and 10,000 of them could pin gigabytes
+        of kernel memory.
         """
         size = self.config.limits.socket_send_buffer
         if size and self.server is not None:
