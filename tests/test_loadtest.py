@@ -175,9 +175,11 @@ def test_a_lost_delivery_fails_the_checks() -> None:
 @pytest.mark.e2e
 def test_two_nodes_through_a_private_redis_deliver_everything_and_count_redis_cpu(
         tmp_path: Path) -> None:
+    # Enough messages for Redis to use several 10 ms clock ticks of CPU (/proc counts in ticks):
+    # 40 messages were sometimes all served within one tick, and read as none.
     proc = run_harness("fan-out", "--smoke", "--start-server", "chatd", "--nodes", "2",
-                       "--duration", "1", "--out", str(tmp_path), "--name", "redis",
-                       "--no-plot")
+                       "--rate", "200", "--duration", "3", "--out", str(tmp_path),
+                       "--name", "redis", "--no-plot")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     doc = json.loads((tmp_path / "redis.json").read_text())
     assert (doc["params"]["nodes"], doc["params"]["redis"]) == (2, "private")
