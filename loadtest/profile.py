@@ -26,6 +26,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from loadtest.servers import stop_all
+
 #: Samples per second.
 RATE = 200
 
@@ -67,15 +69,7 @@ class Profiler:
 
     def stop(self) -> list[Path]:
         """Stop the recorders (again: a no-op); the paths of the files they wrote."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_all(self.procs, signal.SIGINT, timeout=30)  # SIGINT: py-spy writes its file
         self.procs = []
         return [f for f in self.files if f.exists()]
 

@@ -198,6 +198,19 @@ def fanout_buckets(urls: list[str]) -> dict[float, float] | None:
     return total or None
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]], sig: int, timeout: float) -> None:
+    """Signal every process, then wait for each, killing one that outlasts ``timeout``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 def free_port(host: str) -> int:
     """A TCP port free right now on ``host``; never 6379 (a shared Redis may live there)."""
     while True:
@@ -234,15 +247,7 @@ class Managed:
                 )
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_all(self.procs, signal.SIGTERM, timeout=15)
         if self.companion is not None:
             self.companion.stop()
         self.workdir.cleanup()
