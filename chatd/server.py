@@ -1,7 +1,7 @@
 """The thin asyncio shell: one chatd node.
 
 It wires the sans-I/O core (protocol, session, hub, auth) to ``websockets`` and a backend:
-HTTP endpoints and handshake checks (:mod:`chatd.http`), the connection lifecycle (authenticate,
+HTTP endpoints and handshake checks (:mod:`chatd.handshake`), the connection lifecycle (authenticate,
 command loop, clean-up), the backend feed (:class:`~chatd.backends.base.FeedHandler`), and
 start / reload / drain.
 """
@@ -22,7 +22,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from chatd import http, protocol
+from chatd import handshake, protocol
 from chatd.auth.accounts import Accounts
 from chatd.auth.keys import KeyRing
 from chatd.auth.tokens import Claims, TokenIssuer, TokenVerifier
@@ -172,13 +172,13 @@ class Node:
 
     async def process_request(self, ws: ServerConnection, request: Any) -> Any:
         try:
-            return await http.process_request(self, ws, request)
+            return await handshake.process_request(self, ws, request)
         except Exception:
             # A bug: log it with an incident id (websockets' own logger is silenced) and answer
             # 500 without details.
             incident = uuid.uuid4().hex[:12]
             log.exception("internal error in handshake", extra={"f": {"incident": incident}})
-            return http.json_error(500, "internal", f"internal error (incident {incident})")
+            return handshake.json_error(500, "internal", f"internal error (incident {incident})")
 
     async def verify_token(self, token: str, *, in_band: bool = False) -> Claims:
         """Verify an access token and check revocation; raises AuthError."""
@@ -206,7 +206,7 @@ class Node:
     # -- connections -------------------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
-        addr = http.client_address(ws, self.config.server.trusted_proxies)
+        addr = handshake.client_address(ws, self.config.server.trusted_proxies)
         conn = Connection(ws, Session(self.config.limits), self.config.node_id, addr,
                           self.config.limits.max_outbound_bytes, self._closed_by_server)
         self.connections.add(conn)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from chatd import config
 from chatd.errors import ConfigError
-from chatd.http import forwarded_client
+from chatd.handshake import forwarded_client
 from chatd.logs import JsonFormatter
 from chatd.ratelimit import KeyedTokenBuckets
 from chatd.server import Node

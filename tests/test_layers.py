@@ -22,7 +22,7 @@ LOADTEST = ROOT / "loadtest"
 #: Libraries that do I/O or run an event loop: the sans-I/O core imports none of them.
 IO_MODULES = ("asyncio", "websockets", "redis", "socket", "sqlite3")
 #: Modules of the shell and of backend implementations: the core never reaches up or across.
-SHELL_MODULES = ("chatd.server", "chatd.connection", "chatd.http", "chatd.app",
+SHELL_MODULES = ("chatd.server", "chatd.connection", "chatd.handshake", "chatd.app",
                  "chatd.commands", "chatd.cli", "chatd.cli_accounts", "chatd.systemd",
                  "chatd.backends.memory", "chatd.backends.redis",
                  "chatd.backends.redis_broker", "chatd.backends.redis_client",
@@ -159,7 +159,7 @@ def test_jwt_is_imported_only_in_chatd_auth() -> None:
 
 
 def test_websockets_is_imported_only_by_the_shell_and_the_load_harness() -> None:
-    allowed = {"chatd/server.py", "chatd/http.py", "chatd/connection.py",
+    allowed = {"chatd/server.py", "chatd/handshake.py", "chatd/connection.py",
                "chatd/cli_accounts.py"}
     bad = [p for p in offenders(ALL_FILES, "websockets")
            if p not in allowed and not p.startswith("loadtest/")]
@@ -167,7 +167,7 @@ def test_websockets_is_imported_only_by_the_shell_and_the_load_harness() -> None
 
 
 @pytest.mark.parametrize("module", ["chatd.session", "chatd.hub", "chatd.server",
-                                    "chatd.connection", "chatd.commands", "chatd.http",
+                                    "chatd.connection", "chatd.commands", "chatd.handshake",
                                     "chatd.app"])
 def test_backends_never_see_sessions_the_hub_or_the_server(module: str) -> None:
     assert offenders(sorted((CHATD / "backends").rglob("*.py")), module) == []
