@@ -30,7 +30,7 @@ def create_backend(config: Config) -> Backend:
 
         return create_redis_backend(config)
     from chatd.backends.memory import create_memory_backend
-    from chatd.backends.sqlite_state import SqliteState
+    from chatd.backends.sqlite.state import SqliteState
 
     return create_memory_backend(config, SqliteState.for_state_dir(config.state_dir))
 

@@ -20,7 +20,7 @@ import argon2
 import jwt
 import pytest
 
-from chatd.backends.sqlite_state import SqliteState
+from chatd.backends.sqlite.state import SqliteState
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_TOML = ROOT / "config.toml"

@@ -25,10 +25,10 @@ IO_MODULES = ("asyncio", "websockets", "redis", "socket", "sqlite3")
 SHELL_MODULES = ("chatd.server", "chatd.connection", "chatd.handshake", "chatd.app",
                  "chatd.commands", "chatd.cli", "chatd.cli_accounts", "chatd.systemd",
                  "chatd.backends.memory", "chatd.backends.redis",
-                 "chatd.backends.redis_broker", "chatd.backends.redis_client",
-                 "chatd.backends.redis_feed",
-                 "chatd.backends.redis_presence", "chatd.backends.redis_state",
-                 "chatd.backends.sqlite_state")
+                 "chatd.backends.redis.broker", "chatd.backends.redis.client",
+                 "chatd.backends.redis.feed",
+                 "chatd.backends.redis.presence", "chatd.backends.redis.state",
+                 "chatd.backends.sqlite.state")
 
 
 def module_name(path: Path) -> str:
@@ -112,8 +112,8 @@ def test_the_scanner_sees_module_function_and_type_checking_imports() -> None:
 
 def test_the_scanner_resolves_relative_imports() -> None:
     found = imported_modules("from . import base\nfrom ..session import Session\n"
-                             "from .redis_client import Keys\n", "chatd.backends.memory")
-    assert {"chatd.backends.base", "chatd.session", "chatd.backends.redis_client"} <= found
+                             "from .redis.client import Keys\n", "chatd.backends.memory")
+    assert {"chatd.backends.base", "chatd.session", "chatd.backends.redis.client"} <= found
     found = imported_modules("from .tokens import Claims\n", "chatd.auth", is_package=True)
     assert "chatd.auth.tokens" in found
 
@@ -149,7 +149,7 @@ def test_the_core_never_imports_the_shell_or_a_backend_implementation(module: st
 
 
 def test_redis_is_imported_only_by_the_redis_backend() -> None:
-    allowed = {rel(p) for p in (CHATD / "backends").glob("redis*.py")}
+    allowed = {rel(p) for p in (CHATD / "backends" / "redis").glob("*.py")}
     assert set(offenders(ALL_FILES, "redis")) - allowed == set()
 
 

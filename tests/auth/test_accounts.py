@@ -19,7 +19,7 @@ from chatd.auth.password_service import PasswordService
 from chatd.auth.passwords import Passwords
 from chatd.auth.tokens import Claims, TokenIssuer, TokenVerifier
 from chatd.backends.base import CloseMatching, UserRecord
-from chatd.backends.sqlite_state import SqliteState
+from chatd.backends.sqlite.state import SqliteState
 from chatd.codes import CloseCode
 from chatd.config import AuthConfig
 from chatd.errors import AuthError

@@ -25,7 +25,7 @@ import pytest
 from chatd.backends.base import Backend, CloseMatching
 from chatd.backends.memory import create_memory_backend
 from chatd.backends.redis import create_redis_backend
-from chatd.backends.sqlite_state import SqliteState
+from chatd.backends.sqlite.state import SqliteState
 from chatd.config import (
     Config,
     Duration,

@@ -30,7 +30,7 @@ from chatd.backends.base import (
     room_stream,
 )
 from chatd.backends.redis import create_redis_backend
-from chatd.backends.sqlite_state import SqliteState
+from chatd.backends.sqlite.state import SqliteState
 from chatd.ids import id_key
 from tests.backends.conftest import MAX_PER_ROOM, BackendNode, Cluster, backend_config, eventually
 from tests.clock import Clock

@@ -272,7 +272,7 @@ async def test_no_frame_is_delivered_between_a_lost_feed_and_feed_lost(
         make_node: NodeFactory, redis_server: RedisServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that got a newer frame first would resume after it and skip the gap."""
-    monkeypatch.setattr("chatd.backends.redis_feed.RESUBSCRIBE_BATCH", 1)  # a slow resubscribe
+    monkeypatch.setattr("chatd.backends.redis.feed.RESUBSCRIBE_BATCH", 1)  # a slow resubscribe
     a, b = await make_node(), await make_node()
     rooms = [f"r{i}" for i in range(30)]
     for room in rooms:

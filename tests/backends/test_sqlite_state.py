@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.backends import sqlite_state
+from chatd.backends.sqlite import state as sqlite_state
 from chatd.backends.base import (
     RefreshUpdate,
     RotateOutcome,
@@ -18,7 +18,7 @@ from chatd.backends.base import (
     TokenVerdict,
     UserRecord,
 )
-from chatd.backends.sqlite_state import SqliteState
+from chatd.backends.sqlite.state import SqliteState
 from chatd.errors import BackendUnavailable, ConfigError
 
 T0 = 1_800_000_000.0

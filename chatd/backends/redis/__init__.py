@@ -1,13 +1,13 @@
 """The Redis backend: several chatd nodes sharing one Redis (``redis.url``).
 
-The parts live in ``redis_*`` modules (each under ~500 lines):
+The parts live in this package's modules (each under ~500 lines):
 
-- :mod:`chatd.backends.redis_client`: the client, key layout, translation of every ``redis.*``
+- :mod:`chatd.backends.redis.client`: the client, key layout, translation of every ``redis.*``
   exception into :class:`chatd.errors.BackendUnavailable`;
-- :mod:`chatd.backends.redis_broker`: publishing and history (streams, Lua);
-- :mod:`chatd.backends.redis_feed`: the node's pub/sub connection, subscriptions, liveness;
-- :mod:`chatd.backends.redis_presence`: presence with a heartbeat TTL;
-- :mod:`chatd.backends.redis_state`: accounts, sessions, revocations.
+- :mod:`chatd.backends.redis.broker`: publishing and history (streams, Lua);
+- :mod:`chatd.backends.redis.feed`: the node's pub/sub connection, subscriptions, liveness;
+- :mod:`chatd.backends.redis.presence`: presence with a heartbeat TTL;
+- :mod:`chatd.backends.redis.state`: accounts, sessions, revocations.
 
 Use::
 
@@ -36,11 +36,11 @@ import time
 from collections.abc import Callable
 
 from chatd.backends.base import Backend
-from chatd.backends.redis_broker import RedisBroker
-from chatd.backends.redis_client import Keys, create_client, create_pubsub_pool
-from chatd.backends.redis_feed import LINGER
-from chatd.backends.redis_presence import RedisPresence
-from chatd.backends.redis_state import RedisState
+from chatd.backends.redis.broker import RedisBroker
+from chatd.backends.redis.client import Keys, create_client, create_pubsub_pool
+from chatd.backends.redis.feed import LINGER
+from chatd.backends.redis.presence import RedisPresence
+from chatd.backends.redis.state import RedisState
 from chatd.config import Config
 
 __all__ = ["RedisBroker", "RedisPresence", "RedisState", "create_redis_backend"]

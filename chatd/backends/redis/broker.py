@@ -15,7 +15,7 @@ Channel payloads (a node forwards the frame bytes without decoding them):
 - control channel: the JSON of a :class:`~chatd.backends.base.CloseMatching`;
 - probe channel: a sequence number.
 
-Receiving is :class:`~chatd.backends.redis_feed.RedisFeed`'s job.
+Receiving is :class:`~chatd.backends.redis.feed.RedisFeed`'s job.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from chatd.backends.base import (
     dm_stream,
     room_stream,
 )
-from chatd.backends.redis_client import Keys, call, unavailable
-from chatd.backends.redis_feed import LINGER, ROOM, USER, RedisFeed
+from chatd.backends.redis.client import Keys, call, unavailable
+from chatd.backends.redis.feed import LINGER, ROOM, USER, RedisFeed
 from chatd.ids import id_key
 
 # Shared by both publish scripts: the next id of stream KEYS[1], strictly above its last entry.

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 
 from chatd import protocol
 from chatd.backends.base import Presence
-from chatd.backends.redis_client import Keys, call, stop, unavailable
+from chatd.backends.redis.client import Keys, call, stop, unavailable
 from chatd.errors import BackendUnavailable, ChatdError
 
 log = logging.getLogger("chatd.redis")

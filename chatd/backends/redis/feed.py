@@ -12,7 +12,7 @@ with exponential backoff and jitter, resubscribes every channel in batches, then
 :meth:`~chatd.backends.base.FeedHandler.feed_lost` because frames published in the gap were not
 received.
 
-Payloads are parsed without decoding JSON (see :mod:`chatd.backends.redis_broker`): the handler
+Payloads are parsed without decoding JSON (see :mod:`chatd.backends.redis.broker`): the handler
 gets the frame bytes as published.
 """
 
@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chatd.backends.base import CloseMatching, FeedHandler
-from chatd.backends.redis_client import Keys, stop, unavailable
+from chatd.backends.redis.client import Keys, stop, unavailable
 from chatd.errors import BackendUnavailable
 
 log = logging.getLogger("chatd.redis")
@@ -77,7 +77,7 @@ class RedisFeed:
 
     Args:
         client: the command client (publishes the probes).
-        pubsub_pool: makes the feed connection (``redis_client.create_pubsub_pool``).
+        pubsub_pool: makes the feed connection (``client.create_pubsub_pool``).
         keys: channel names.
         instance: this node's unique name (its probe channel).
         command_timeout: bound of a connect, a (re)subscription, a probe.

@@ -20,7 +20,7 @@ Deny entries carry a TTL, so they vanish with the tokens they deny. The checks o
 (:meth:`RedisState.token_verdict`) are one ``MGET``: one round trip on every connection.
 Refresh-token rotation is a Lua script, atomic against a concurrent rotation of the same session
 on another node. Times come from ``clock`` (unix seconds, injectable) and TTLs are computed from
-it, like :class:`~chatd.backends.sqlite_state.SqliteState`.
+it, like :class:`~chatd.backends.sqlite.state.SqliteState`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from chatd.backends.base import (
     TokenVerdict,
     UserRecord,
 )
-from chatd.backends.redis_client import Keys, call
+from chatd.backends.redis.client import Keys, call
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 It is the default (no Redis needed). Delivery is synchronous: a publish reaches the handler
 before the call returns, so ordering is the call order. History is bounded per stream
 (``history.max_per_room``) and streams idle for longer than ``history.ttl`` are dropped.
-Account state lives in SQLite (:mod:`chatd.backends.sqlite_state`) so it survives restarts.
+Account state lives in SQLite (:mod:`chatd.backends.sqlite.state`) so it survives restarts.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ pub/sub can keep each room on one shard:
 ``P{u:USER}:c``              channel: direct messages of USER
 ``Pctl``                     channel: control events, every node subscribes
 ``Pprobe:INSTANCE``          channel: a node's own liveness probe
-``Puser:NAME`` ...           account state, see :mod:`chatd.backends.redis_state`
+``Puser:NAME`` ...           account state, see :mod:`chatd.backends.redis.state`
 ===========================  ===================================================================
 """
 
@@ -104,7 +104,7 @@ def create_pubsub_pool(url: str, command_timeout: float) -> aioredis.ConnectionP
     """A pool used only to make the dedicated pub/sub connection (URL options applied).
 
     Its reads have no socket timeout: a quiet channel is normal, and liveness is checked by the
-    probe instead (:mod:`chatd.backends.redis_broker`).
+    probe instead (:mod:`chatd.backends.redis.broker`).
     """
     options = connection_options(command_timeout)
     options["socket_timeout"] = None

@@ -1,0 +1,1 @@
+"""The embedded SQLite store: accounts, sessions, revocations (and history)."""
