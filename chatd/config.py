@@ -159,6 +159,23 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class RoomNamespace:
+    """One ``[[rooms.namespaces]]`` entry: the policy of rooms named ``NAME:...`` (section 9)."""
+
+    name: str = ""
+    access: str = "open"
+    allow_create: bool = False
+    presence: bool = True
+    history: bool = True
+    max_members: int = 0
+
+
+@dataclass(frozen=True)
+class RoomsConfig:
+    namespaces: tuple[RoomNamespace, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -168,6 +185,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    rooms: RoomsConfig = field(default_factory=RoomsConfig)
     #: HS256 secret from CHATD_JWT_SECRET (never from the file); masked in repr().
     jwt_secret: str = field(default="", repr=False)
     source: str = ""
@@ -260,7 +278,8 @@ def _build(cls: Any, raw: object, prefix: str) -> Any:
     return cls(**values)
 
 
-_SECTIONS = ("server", "auth", "limits", "history", "presence", "redis", "metrics", "log")
+_SECTIONS = ("server", "auth", "limits", "history", "presence", "redis", "metrics", "log",
+             "rooms")
 
 
 def default_state_dir(env: Mapping[str, str]) -> str:
@@ -408,8 +427,28 @@ def validate(c: Config) -> None:
                               f"not an address or network: {net!r}") from None
     if c.jwt_secret and len(c.jwt_secret.encode()) < 32:
         raise ConfigError("CHATD_JWT_SECRET", "must be at least 32 bytes")
+    _validate_rooms(c.rooms)
     kids = [k.kid for k in a.keys]
     if len(set(kids)) != len(kids):
         raise ConfigError("auth.keys", "kid values must be unique")
     if sum(k.signing for k in a.keys) > 1:
         raise ConfigError("auth.keys", "at most one key may have signing = true")
+
+
+def _validate_rooms(rooms: RoomsConfig) -> None:
+    """``[[rooms.namespaces]]``: valid unique names, a known access mode, sane limits."""
+    seen: set[str] = set()
+    for i, ns in enumerate(rooms.namespaces):
+        key = f"rooms.namespaces[{i}]"
+        if ns.name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z", ns.name):
+            raise ConfigError(f"{key}.name", "must be empty (the default namespace) or a room "
+                                             f"name prefix without ':', got {ns.name!r}")
+        if ns.name in seen:
+            raise ConfigError(f"{key}.name", f"namespace {ns.name!r} is listed twice")
+        seen.add(ns.name)
+        if ns.access not in ("open", "members", "token"):
+            raise ConfigError(f"{key}.access",
+                              f"must be open, members or token, got {ns.access!r}")
+        if ns.allow_create and ns.access != "members":
+            raise ConfigError(f"{key}.allow_create", 'applies only to access = "members"')
+        _at_least(f"{key}.max_members", ns.max_members, 0)

@@ -316,6 +316,88 @@ class State(ABC):
         """One look-up answering whether an otherwise valid access token may be used."""
 
 
+@dataclass(frozen=True, slots=True)
+class RoomStanding:
+    """One user's standing in one room, read in one look-up (contract section 9).
+
+    ``exists``: the room was created (``members`` rooms exist only then). ``role``: on the
+    member list with that role (``owner``, ``moderator``, ``member``). ``banned_until`` and
+    ``muted_until``: unix seconds, ``inf`` until lifted, None when not (or no longer) in force.
+    """
+
+    exists: bool = False
+    role: str | None = None
+    banned_until: float | None = None
+    muted_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMember:
+    """One entry of a room's member list."""
+
+    user: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    """A created room: its name, when and by whom (None: by an operator or the HTTP API)."""
+
+    name: str
+    created_at: float
+    owner: str | None = None
+
+
+class RoomStore(ABC):
+    """Created rooms, member lists with roles, bans and mutes, shared by every node.
+
+    Roles, bans and mutes may exist for rooms that were never created (an ``open`` room can have
+    moderators). Bans and mutes carry ``until`` and end by themselves: an expired one is never
+    returned. Decisions on them are :mod:`chatd.core.rooms`'s; this only stores.
+    """
+
+    @abstractmethod
+    async def create(self, room: str, owner: str | None) -> bool:
+        """Create ``room`` with ``owner`` (when given) as its owner; False if it exists."""
+
+    @abstractmethod
+    async def delete(self, room: str) -> bool:
+        """Forget the room, its member list, bans and mutes; False if it was not created."""
+
+    @abstractmethod
+    async def info(self, room: str) -> RoomInfo | None: ...
+
+    @abstractmethod
+    async def list_rooms(self, after: str | None, limit: int) -> list[RoomInfo]:
+        """Created rooms named after ``after``, in name order, at most ``limit``."""
+
+    @abstractmethod
+    async def standing(self, room: str, user: str) -> RoomStanding: ...
+
+    @abstractmethod
+    async def set_role(self, room: str, user: str, role: str) -> None:
+        """Put ``user`` on the member list with ``role`` (replacing their role)."""
+
+    @abstractmethod
+    async def remove_member(self, room: str, user: str) -> bool:
+        """Take ``user`` off the member list; False if they were not on it."""
+
+    @abstractmethod
+    async def members(self, room: str, after: str | None, limit: int) -> list[RoomMember]:
+        """The member list in user-name order, names after ``after``, at most ``limit``."""
+
+    @abstractmethod
+    async def restrict(self, room: str, user: str, kind: str, until: float) -> None:
+        """Ban (``kind`` ``"ban"``) or mute (``"mute"``) ``user`` until ``until`` (may be inf)."""
+
+    @abstractmethod
+    async def lift(self, room: str, user: str, kind: str) -> bool:
+        """End a ban or mute; False if none was in force."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release resources (a node calls it once, at shutdown)."""
+
+
 @dataclass(slots=True)
 class Backend:
     """The three parts of one backend, started and closed together."""

@@ -1,0 +1,1 @@
+"""The sans-I/O core: plain calls and an injected clock, no asyncio, sockets or backends."""
