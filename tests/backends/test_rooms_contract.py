@@ -1,0 +1,252 @@
+"""The RoomStore contract (chatd.backends.base.RoomStore) on ``sqlite`` and ``redis``.
+
+Each test gets *nodes*: separate store instances on one store (``sqlite``: connections to one
+file, as the server and ``chatd room`` are; ``redis``: separate clients on one real
+redis-server, as separate chatd nodes are). What one node writes, every node reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chatd.backends.base import RoomInfo, RoomMember, RoomStanding, RoomStore
+from chatd.backends.redis.client import Keys, create_client
+from chatd.backends.redis.rooms import RedisRooms
+from chatd.backends.sqlite.rooms import SqliteRooms
+from chatd.errors import BackendUnavailable
+from tests.clock import Clock
+from tests.redis_server import RedisServer
+
+T0 = 1_800_000_000.0
+
+
+class Nodes:
+    """Store instances sharing one store; :meth:`node` makes another."""
+
+    def __init__(self, kind: str, tmp_path: Path, clock: Clock,
+                 server: RedisServer | None) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.clock = clock
+        self.server = server
+        self.stores: list[RoomStore] = []
+        self.clients: list[object] = []
+
+    def node(self) -> RoomStore:
+        store: RoomStore
+        if self.kind == "sqlite":
+            store = SqliteRooms.open(self.tmp_path / "state" / "chatd.sqlite3", clock=self.clock)
+        else:
+            assert self.server is not None
+            client = create_client(self.server.url, 2.0)
+            self.clients.append(client)
+            store = RedisRooms(client, Keys("chatd:"), command_timeout=2.0, clock=self.clock)
+        self.stores.append(store)
+        return store
+
+    async def close(self) -> None:
+        for store in self.stores:
+            store.close()
+        for client in self.clients:
+            await client.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Nodes]:
+    server = RedisServer(tmp_path / "redis").start() if request.param == "redis" else None
+    n = Nodes(request.param, tmp_path, Clock(T0), server)
+    try:
+        yield n
+    finally:
+        await n.close()
+        if server is not None:
+            server.close()
+
+
+# -- rooms --------------------------------------------------------------------------------------
+
+
+async def test_a_room_is_created_once_with_its_owner_and_every_node_sees_it(nodes: Nodes) -> None:
+    a, b = nodes.node(), nodes.node()
+    assert await a.create("team:acme", "alice") is True
+    assert await b.create("team:acme", "bob") is False
+    assert await b.info("team:acme") == RoomInfo("team:acme", T0, "alice")
+    assert await b.standing("team:acme", "alice") == RoomStanding(exists=True, role="owner")
+    assert await b.standing("team:acme", "bob") == RoomStanding(exists=True)
+    assert await a.standing("team:other", "alice") == RoomStanding()
+
+
+async def test_a_room_created_by_an_operator_has_no_owner(nodes: Nodes) -> None:
+    a = nodes.node()
+    assert await a.create("team:ops", None) is True
+    assert await a.info("team:ops") == RoomInfo("team:ops", T0, None)
+    assert await a.members("team:ops", None, 10) == []
+
+
+async def test_concurrent_creates_of_one_room_make_exactly_one_owner(nodes: Nodes) -> None:
+    stores = [nodes.node() for _ in range(4)]
+    results = await asyncio.gather(*(s.create("team:race", f"u{i}")
+                                     for i, s in enumerate(stores)))
+    assert sorted(results) == [False, False, False, True]
+    winner = f"u{results.index(True)}"
+    assert await stores[0].members("team:race", None, 10) == [RoomMember(winner, "owner")]
+
+
+async def test_rooms_are_listed_in_name_order_page_by_page(nodes: Nodes) -> None:
+    a = nodes.node()
+    for name in ("team:c", "team:a", "support:1", "team:b"):
+        await a.create(name, None)
+    names = [r.name for r in await a.list_rooms(None, 10)]
+    assert names == ["support:1", "team:a", "team:b", "team:c"]
+    assert [r.name for r in await a.list_rooms("support:1", 2)] == ["team:a", "team:b"]
+    assert await a.list_rooms("team:c", 10) == []
+    assert await a.list_rooms(None, 0) == []
+
+
+async def test_deleting_a_room_forgets_its_members_bans_and_mutes(nodes: Nodes) -> None:
+    a, b = nodes.node(), nodes.node()
+    await a.create("team:gone", "alice")
+    await a.set_role("team:gone", "bob", "member")
+    await a.restrict("team:gone", "carol", "ban", math.inf)
+    await a.restrict("team:gone", "bob", "mute", math.inf)
+    assert await b.delete("team:gone") is True
+    assert await a.delete("team:gone") is False
+    assert await a.info("team:gone") is None
+    assert [r.name for r in await a.list_rooms(None, 10)] == []
+    for user in ("alice", "bob", "carol"):
+        assert await a.standing("team:gone", user) == RoomStanding()
+    assert await a.create("team:gone", "dave") is True
+    assert await a.members("team:gone", None, 10) == [RoomMember("dave", "owner")]
+
+
+# -- member lists -------------------------------------------------------------------------------
+
+
+async def test_roles_are_set_replaced_and_removed_on_every_node(nodes: Nodes) -> None:
+    a, b = nodes.node(), nodes.node()
+    await a.create("team:acme", "alice")
+    await a.set_role("team:acme", "bob", "member")
+    assert (await b.standing("team:acme", "bob")).role == "member"
+    await b.set_role("team:acme", "bob", "moderator")
+    assert (await a.standing("team:acme", "bob")).role == "moderator"
+    assert await a.remove_member("team:acme", "bob") is True
+    assert await b.remove_member("team:acme", "bob") is False
+    assert (await b.standing("team:acme", "bob")).role is None
+
+
+async def test_roles_may_be_stored_for_a_room_that_was_never_created(nodes: Nodes) -> None:
+    a = nodes.node()
+    await a.set_role("lobby", "mod", "moderator")
+    assert await a.standing("lobby", "mod") == RoomStanding(exists=False, role="moderator")
+    assert await a.list_rooms(None, 10) == []
+
+
+async def test_the_member_list_pages_in_name_order(nodes: Nodes) -> None:
+    a = nodes.node()
+    await a.create("team:big", "owner1")
+    names = [f"user{i:03d}" for i in range(250)]
+    for name in reversed(names):
+        await a.set_role("team:big", name, "member")
+    pages: list[RoomMember] = []
+    after = None
+    while True:
+        page = await a.members("team:big", after, 100)
+        pages += page
+        if len(page) < 100:
+            break
+        after = page[-1].user
+    assert [m.user for m in pages] == ["owner1", *names]
+    assert pages[0].role == "owner" and {m.role for m in pages[1:]} == {"member"}
+    assert await a.members("team:big", "user249", 10) == []
+    assert await a.members("team:big", None, 0) == []
+    assert await a.members("team:none", None, 10) == []
+
+
+# -- bans and mutes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ban", "mute"])
+async def test_a_restriction_with_a_duration_ends_by_itself_on_every_node(
+        nodes: Nodes, kind: str) -> None:
+    a, b = nodes.node(), nodes.node()
+    field = "banned_until" if kind == "ban" else "muted_until"
+    await a.restrict("lobby", "bob", kind, T0 + 60)
+    assert getattr(await b.standing("lobby", "bob"), field) == T0 + 60
+    nodes.clock.advance(59.9)
+    assert getattr(await b.standing("lobby", "bob"), field) == T0 + 60
+    nodes.clock.advance(0.1)
+    assert getattr(await b.standing("lobby", "bob"), field) is None
+    assert await a.lift("lobby", "bob", kind) is False
+
+
+@pytest.mark.parametrize("kind", ["ban", "mute"])
+async def test_a_restriction_without_a_duration_lasts_until_lifted(
+        nodes: Nodes, kind: str) -> None:
+    a, b = nodes.node(), nodes.node()
+    field = "banned_until" if kind == "ban" else "muted_until"
+    await a.restrict("team:acme", "bob", kind, math.inf)
+    nodes.clock.advance(10 * 365 * 86400)
+    assert getattr(await b.standing("team:acme", "bob"), field) == math.inf
+    assert await b.lift("team:acme", "bob", kind) is True
+    assert getattr(await a.standing("team:acme", "bob"), field) is None
+    assert await a.lift("team:acme", "bob", kind) is False
+
+
+async def test_bans_and_mutes_are_separate_and_per_room(nodes: Nodes) -> None:
+    a = nodes.node()
+    await a.restrict("r1", "bob", "ban", T0 + 10)
+    await a.restrict("r1", "bob", "mute", T0 + 20)
+    assert await a.standing("r1", "bob") == RoomStanding(banned_until=T0 + 10,
+                                                         muted_until=T0 + 20)
+    assert await a.standing("r2", "bob") == RoomStanding()
+    assert await a.standing("r1", "carol") == RoomStanding()
+    await a.lift("r1", "bob", "ban")
+    assert await a.standing("r1", "bob") == RoomStanding(muted_until=T0 + 20)
+
+
+async def test_a_new_restriction_replaces_the_old_one(nodes: Nodes) -> None:
+    a = nodes.node()
+    await a.restrict("r1", "bob", "ban", math.inf)
+    await a.restrict("r1", "bob", "ban", T0 + 5)
+    assert (await a.standing("r1", "bob")).banned_until == T0 + 5
+
+
+async def test_an_unknown_restriction_kind_is_a_bug(nodes: Nodes) -> None:
+    with pytest.raises(ValueError):
+        await nodes.node().restrict("r1", "bob", "kick", math.inf)
+
+
+# -- persistence --------------------------------------------------------------------------------
+
+
+async def test_rooms_survive_a_restart_of_the_node(nodes: Nodes) -> None:
+    a = nodes.node()
+    await a.create("team:acme", "alice")
+    await a.set_role("team:acme", "bob", "moderator")
+    await a.restrict("team:acme", "eve", "ban", math.inf)
+    a.close()
+    again = nodes.node()  # sqlite: a new connection after the old one closed (a restart)
+    assert await again.info("team:acme") == RoomInfo("team:acme", T0, "alice")
+    assert await again.members("team:acme", None, 10) == [RoomMember("alice", "owner"),
+                                                           RoomMember("bob", "moderator")]
+    assert (await again.standing("team:acme", "eve")).banned_until == math.inf
+
+
+async def test_an_unreachable_store_answers_unavailable(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "gone").start()
+    url = server.url
+    server.close()
+    client = create_client(url, 0.5)
+    store = RedisRooms(client, Keys("chatd:"), command_timeout=0.5)
+    try:
+        with pytest.raises(BackendUnavailable):
+            await store.standing("lobby", "bob")
+        with pytest.raises(BackendUnavailable):
+            await store.create("team:x", "bob")
+    finally:
+        await client.aclose()
