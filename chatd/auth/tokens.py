@@ -33,6 +33,7 @@ from typing import Any
 import jwt
 
 from chatd.auth.keys import KeyRing
+from chatd.core.rooms import valid_claim
 from chatd.errors import AuthError
 from chatd.protocol import USER_RE
 
@@ -62,6 +63,8 @@ class Claims:
     exp: float
     sid: str | None = None
     role: str | None = None
+    #: The ``rooms`` claim: room names and ``prefix*`` patterns it grants (section 9).
+    rooms: tuple[str, ...] = ()
 
     @property
     def is_admin(self) -> bool:
@@ -120,6 +123,16 @@ class TokenVerifier:
                 ``wrong issuer``, ``wrong audience``, ``invalid user name``,
                 ``token expired`` (``http_code="token_expired"``).
         """
+        return self._claims(self.verified_payload(token))
+
+    def verified_payload(self, token: str, *, types: frozenset[str] = ACCESS_TYPES,
+                         typ_required: bool = False,
+                         require: tuple[str, ...] = _REQUIRED) -> dict[str, Any]:
+        """Steps 1-3 (header, key, signature) and pyjwt's claim checks, for any token type.
+
+        Room tokens (:mod:`chatd.auth.room_tokens`) share this with access tokens: the same
+        keys, algorithm pinning, ``iss``/``aud`` policy; only ``typ`` and the claims differ.
+        """
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
             raise AuthError("malformed token")
         header = self._header(token)
@@ -129,7 +142,8 @@ class TokenVerifier:
         if alg.lower() == "none":
             raise AuthError("algorithm not allowed")
         typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCESS_TYPES):
+        if (typ is None and typ_required) or (
+                typ is not None and (not isinstance(typ, str) or typ.lower() not in types)):
             raise AuthError("wrong token type")
         kid = header.get("kid")
         if kid is not None:
@@ -144,8 +158,7 @@ class TokenVerifier:
             candidates = [k for k in kidless if k.alg == alg]
         if not candidates:
             raise AuthError("algorithm not allowed")
-        payload = self._decode(token, candidates)
-        return self._claims(payload)
+        return self._decode(token, candidates, require)
 
     def _header(self, token: str) -> dict[str, Any]:
         try:
@@ -158,14 +171,17 @@ class TokenVerifier:
             raise AuthError("malformed token")
         return header
 
-    def _decode(self, token: str, candidates: list[Any]) -> dict[str, Any]:
+    def _decode(self, token: str, candidates: list[Any],
+                require: tuple[str, ...] = _REQUIRED) -> dict[str, Any]:
+        options = self._options if require == _REQUIRED else {
+            **self._options, "require": [*require, *self._options["require"][len(_REQUIRED):]]}
         for key in candidates:
             try:
                 payload = self._jwt.decode(
                     token,
                     key=key.verify_key,
                     algorithms=[key.alg],
-                    options=self._options,  # type: ignore[arg-type]
+                    options=options,  # type: ignore[arg-type]
                     issuer=self.issuer or None,
                     audience=self.audience or None,
                 )
@@ -197,9 +213,12 @@ class TokenVerifier:
         role = payload.get("role")
         if role is not None and not isinstance(role, str):
             raise AuthError("invalid claim role")
+        rooms = valid_claim(payload["rooms"]) if "rooms" in payload else ()
+        if rooms is None:
+            raise AuthError("invalid claim rooms")
         if exp <= now - self.leeway:
             raise AuthError("token expired", http_code="token_expired")
-        return Claims(sub=sub, jti=jti, iat=iat, exp=exp, sid=sid, role=role)
+        return Claims(sub=sub, jti=jti, iat=iat, exp=exp, sid=sid, role=role, rooms=rooms)
 
 
 def _number(payload: dict[str, Any], name: str) -> float:
@@ -264,6 +283,7 @@ class TokenIssuer:
         role: str | None = None,
         sid: str | None = None,
         jti: str | None = None,
+        rooms: tuple[str, ...] = (),
     ) -> tuple[str, Claims]:
         """A signed access token for ``sub`` valid ``ttl`` seconds from now.
 
@@ -288,6 +308,7 @@ class TokenIssuer:
             exp=iat + float(ttl),
             sid=sid,
             role=role,
+            rooms=tuple(rooms),
         )
         payload: dict[str, Any] = {
             "sub": sub,
@@ -299,6 +320,10 @@ class TokenIssuer:
             payload["sid"] = sid
         if role is not None:
             payload["role"] = role
+        if rooms:
+            if valid_claim(list(rooms)) is None:
+                raise ValueError("rooms must be room names or prefix* patterns")
+            payload["rooms"] = list(rooms)
         if self.issuer:
             payload["iss"] = self.issuer
         if self.audience:
