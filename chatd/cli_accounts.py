@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from chatd.config import Config
-from chatd.errors import ChatdError
+from chatd.errors import ChatdError, InvalidInput
 from chatd.protocol import USER_RE
 
 MIN_PASSWORD_CHARS = 8
@@ -118,12 +118,15 @@ async def _user(config: Config, args: argparse.Namespace, password: str | None) 
             assert password is not None
             try:
                 await accounts.add_user(name, password)
-            except ValueError as exc:
+            except InvalidInput as exc:
                 return _fail(f"chatd user add: {exc}", 2)
             ok = True
         elif args.action == "passwd":
             assert password is not None
-            ok = await accounts.set_password(name, password)
+            try:
+                ok = await accounts.set_password(name, password)
+            except InvalidInput as exc:
+                return _fail(f"chatd user passwd: {exc}", 2)
         elif args.action == "disable":
             ok = await backend.state.get_user(name) is not None
             if ok:

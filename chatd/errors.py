@@ -21,6 +21,14 @@ class ConfigError(ChatdError):
         self.key = key
 
 
+class InvalidInput(ChatdError):
+    """A value a layer refuses (a bad user name, a password too long, no signing key).
+
+    Raised by ``auth/`` where it used to raise ``ValueError``; the message says why and never
+    echoes a secret. The CLI prints it and exits 2.
+    """
+
+
 class CommandError(ChatdError):
     """A command that cannot be carried out: answered with an ``error`` frame, socket stays open."""
 

@@ -45,8 +45,9 @@ Events published (every node closes the matching sockets):
 - logout: ``CloseMatching(4410, sid=...)`` (or ``jti=`` for a token without session, or
   ``user=`` with ``everywhere``) with ``except_conn`` = the logging-out connection, which the
   server closes itself with 1000;
-- single-session policy (``auth.max_sessions_per_user``): ``CloseMatching(4409, sid=...)`` for
-  each older session ended by a new login;
+- single-session policy (``auth.max_sessions_per_user``, applied atomically by
+  ``State.create_session``): ``CloseMatching(4409, sid=...)`` for each older session ended by
+  a new login;
 - ``kick``: ``CloseMatching(4410, user=...)``; ``revoke_tokens``: ``(4410, user=...,
   issued_before=now)``; ``revoke_jti``: ``(4410, jti=...)``; ``disable_user``:
   ``(4403, user=...)``; ``set_password`` and ``delete_user``: ``(4410, ...)``.
@@ -55,8 +56,10 @@ Refresh tokens are opaque: ``"<sid>.<random>"`` (``s_`` + 22 characters, a dot, 
 of ``secrets.token_urlsafe``); only their SHA-256 is stored. Each use rotates (new access token,
 new refresh token, the old one stops working); presenting a rotated-away token again is reuse
 and revokes the whole session, unless it comes back within ``auth.refresh_reuse_grace`` seconds
-of the rotation (a client that lost the answer; off by default). A session lives
-``auth.refresh_ttl`` from login: refreshing does not extend it.
+of its rotation (a client that lost the answer, or a second browser tab sharing the token: a
+new branch, and both tokens keep working; off by default). A value the session never issued is
+only ``invalid refresh token``, with no side effect (:mod:`chatd.backends.sessions`). A session
+lives ``auth.refresh_ttl`` from login: refreshing does not extend it.
 
 Deny entries expire with the tokens they deny: a session or a ``jti`` for ``access_ttl +
 leeway``, a user's "issued before" mark for :data:`USER_REVOKE_HORIZON` (tokens from an
@@ -66,7 +69,6 @@ external issuer may live longer than chatd's own).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 import time
@@ -76,7 +78,7 @@ from typing import Any
 
 from chatd.auth.password_service import PasswordService
 from chatd.auth.throttle import LoginThrottle
-from chatd.auth.tokens import Claims, TokenIssuer
+from chatd.auth.tokens import ID_RE, MAX_TIME_CLAIM, Claims, TokenIssuer
 from chatd.backends.base import (
     CloseMatching,
     RefreshUpdate,
@@ -86,9 +88,9 @@ from chatd.backends.base import (
     TokenVerdict,
     UserRecord,
 )
-from chatd.codes import CloseCode
+from chatd.codes import CloseCode, ErrorCode
 from chatd.config import AuthConfig
-from chatd.errors import AuthError
+from chatd.errors import AuthError, CommandError, InvalidInput
 from chatd.protocol import USER_RE
 
 SID_PREFIX = "s_"
@@ -234,8 +236,12 @@ class Accounts:
             refreshes_today=0,
             day=int(now // DAY),
         )
-        await self.state.create_session(session)
-        await self._enforce_session_limit(record.name, sid)
+        # The single-session policy is applied by the backend in the same atomic step as the
+        # creation: two simultaneous logins with a limit of 1 leave exactly one session.
+        ended = await self.state.create_session(session, max(0, a.max_sessions_per_user))
+        for old in ended:
+            await self._end_session(old, CloseCode.REPLACED, "replaced by a newer login",
+                                    deleted=True)
         return self._grant(record.name, sid, token, session.expires_at)
 
     async def refresh(
@@ -273,7 +279,7 @@ class Accounts:
         day = int(now // DAY)
         count = session.refreshes_today if session.day == day else 0
         if count >= a.max_refreshes_per_day:
-            if hmac.compare_digest(presented, session.refresh_hash):
+            if session.valid(presented):
                 await self.state.delete_session(sid)  # the holder must log in again
             raise AuthError("too many refreshes, log in again", code=CloseCode.REVOKED)
         token = new_refresh_token(sid)
@@ -282,6 +288,8 @@ class Accounts:
         )
         outcome = await self.state.rotate_refresh(sid, presented, update, a.refresh_reuse_grace)
         if outcome is RotateOutcome.UNKNOWN:
+            # Never issued by this session (a forged "<sid>.<anything>": the sid is public) or
+            # older than the spent tokens remembered: refused, and nothing else happens.
             raise AuthError(BAD_REFRESH)
         if outcome is RotateOutcome.REUSED:
             await self._end_session(sid, CloseCode.REVOKED, "refresh token reused")
@@ -306,17 +314,6 @@ class Accounts:
         if current is not None and current.password_hash == record.password_hash:
             await self.state.put_user(replace(current, password_hash=new_hash))
 
-    async def _enforce_session_limit(self, user: str, new: str) -> None:
-        """Single-session policy: end the oldest sessions beyond ``max_sessions_per_user``."""
-        limit = self.auth.max_sessions_per_user
-        if limit <= 0:
-            return
-        sessions = sorted(await self.state.user_sessions(user), key=lambda s: (s.created_at, s.sid))
-        others = [s for s in sessions if s.sid != new]
-        excess = len(others) + 1 - limit
-        for s in others[: max(excess, 0)]:
-            await self._end_session(s.sid, CloseCode.REPLACED, "replaced by a newer login")
-
     # -- admission and revocation ------------------------------------------------------------
 
     async def admit(self, claims: Claims) -> None:
@@ -326,7 +323,8 @@ class Accounts:
             AuthError: ``user disabled`` (4403, HTTP code ``forbidden``) or ``token revoked``
                 (4410).
         """
-        verdict = await self.state.token_verdict(claims.sub, claims.jti, claims.sid, claims.iat)
+        verdict = await self.state.token_verdict(claims.sub, claims.jti, claims.sid, claims.iat,
+                                                 claims.iss)
         if verdict is TokenVerdict.DISABLED:
             raise AuthError("user disabled", code=CloseCode.USER_DISABLED, http_code="forbidden")
         if verdict is TokenVerdict.REVOKED:
@@ -345,7 +343,10 @@ class Accounts:
                 CloseMatching(CloseCode.REVOKED, "logged out", user=claims.sub, except_conn=conn_id)
             )
             return
-        await self.state.revoke_jti(claims.jti, claims.exp + self.auth.leeway)
+        # Scoped to the token's issuer and subject: another issuer's token that happens to carry
+        # the same jti is not this user's to revoke.
+        await self.state.revoke_jti(claims.jti, claims.exp + self.auth.leeway,
+                                    issuer=claims.iss, user=claims.sub)
         if claims.sid is not None:
             await self._end_session(
                 claims.sid, CloseCode.REVOKED, "logged out", except_conn=conn_id
@@ -361,15 +362,28 @@ class Accounts:
 
     async def revoke_tokens(self, user: str) -> None:
         """Refuse every token of ``user`` issued before now (by ``iat``, external ones too) and
-        end the user's sessions, so no refresh token can mint a new one."""
+        end the user's sessions, so no refresh token can mint a new one.
+
+        ``iat`` up to ``auth.leeway`` in the future counts as before now (an issuer whose clock
+        runs ahead); tokens of sessions opened after this call are not affected.
+        """
         now = self._clock()
         await self._revoke_user(user, now)
-        await self._send(
-            CloseMatching(CloseCode.REVOKED, "tokens revoked", user=user, issued_before=now)
-        )
+        await self._send(CloseMatching(CloseCode.REVOKED, "tokens revoked", user=user,
+                                       issued_before=now + self.auth.leeway))
 
     async def revoke_jti(self, jti: str, exp: float | None = None) -> None:
-        """Refuse the token ``jti`` until its ``exp`` (when known) and close its sockets."""
+        """Refuse every token with id ``jti`` (any issuer and subject: the admin names only the
+        jti) until its ``exp`` (when known) and close its sockets.
+
+        Raises:
+            CommandError: ``bad_request`` for a ``jti`` chatd would never accept (the verifier's
+                rule: 1-128 printable characters, no spaces or line breaks), or a bad ``exp``.
+        """
+        if not isinstance(jti, str) or not ID_RE.match(jti):
+            raise CommandError(ErrorCode.BAD_REQUEST, "invalid jti")
+        if exp is not None and not 0 <= exp <= MAX_TIME_CLAIM:
+            raise CommandError(ErrorCode.BAD_REQUEST, "invalid exp")
         now = self._clock()
         until = (exp + self.auth.leeway) if exp is not None else now + USER_REVOKE_HORIZON
         await self.state.revoke_jti(jti, min(until, now + MAX_JTI_HORIZON))
@@ -383,10 +397,10 @@ class Accounts:
         password-less, disabled account so the ban holds.
 
         Raises:
-            ValueError: ``user`` is not a valid user name.
+            InvalidInput: ``user`` is not a valid user name.
         """
         if not USER_RE.match(user):
-            raise ValueError("invalid user name")
+            raise InvalidInput("invalid user name")
         if not await self.state.set_disabled(user, True):
             await self.state.put_user(UserRecord(user, None, True, self._clock()))
         await self._send(CloseMatching(CloseCode.USER_DISABLED, "user disabled", user=user))
@@ -396,16 +410,21 @@ class Accounts:
         return await self.state.set_disabled(user, False)
 
     async def _revoke_user(self, user: str, now: float) -> None:
-        await self.state.revoke_user_before(user, now, now + USER_REVOKE_HORIZON)
+        await self.state.revoke_user_before(user, now, now + USER_REVOKE_HORIZON,
+                                            skew=self.auth.leeway)
         for s in await self.state.user_sessions(user):
             await self.state.delete_session(s.sid)
 
     async def _end_session(
-        self, sid: str, code: CloseCode, reason: str, *, except_conn: str | None = None
+        self, sid: str, code: CloseCode, reason: str, *, except_conn: str | None = None,
+        deleted: bool = False,
     ) -> None:
-        """Delete a session, deny its access tokens, close its sockets everywhere."""
+        """Delete a session (unless ``deleted`` already), deny its access tokens, close its
+        sockets everywhere. The deny entry comes first: a socket of the session that
+        registers after the event went out is refused by :meth:`admit`."""
         a = self.auth
-        await self.state.delete_session(sid)
+        if not deleted:
+            await self.state.delete_session(sid)
         await self.state.revoke_session(sid, self._clock() + a.access_ttl + a.leeway)
         await self._send(CloseMatching(code, reason, sid=sid, except_conn=except_conn))
 
@@ -419,12 +438,12 @@ class Accounts:
         """Create an account.
 
         Raises:
-            ValueError: invalid name, the user exists, or an empty / too long password.
+            InvalidInput: invalid name, the user exists, or an empty / too long password.
         """
         if not isinstance(name, str) or not USER_RE.match(name):
-            raise ValueError("invalid user name")
+            raise InvalidInput("invalid user name")
         if await self.state.get_user(name) is not None:
-            raise ValueError(f"user {name!r} already exists")
+            raise InvalidInput(f"user {name!r} already exists")
         record = UserRecord(name, await self.passwords.hash(password), False, self._clock())
         await self.state.put_user(record)
         return record

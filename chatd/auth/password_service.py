@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from chatd.auth.passwords import Passwords
 from chatd.codes import CloseCode
-from chatd.errors import AuthError
+from chatd.errors import AuthError, InvalidInput
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ class PasswordService:
         max_waiting: int | None = None,
     ) -> None:
         if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+            raise InvalidInput("concurrency must be >= 1")
         self.passwords = passwords or Passwords()
         self.concurrency = concurrency
         self.max_waiting = WAITING_PER_THREAD * concurrency if max_waiting is None else max_waiting
@@ -60,7 +60,7 @@ class PasswordService:
         return await self._run(self.passwords.verify, stored_hash, password)
 
     async def hash(self, password: str) -> str:
-        """:meth:`Passwords.hash` in the pool; ValueError for an empty or too long password."""
+        """:meth:`Passwords.hash` in the pool; InvalidInput for an empty or too long password."""
         return await self._run(self.passwords.hash, password)
 
     def needs_rehash(self, stored_hash: str) -> bool:

@@ -21,6 +21,8 @@ import threading
 import argon2
 from argon2 import PasswordHasher, Type
 
+from chatd.errors import InvalidInput
+
 #: OWASP Password Storage Cheat Sheet, argon2id minimum: 19 MiB, 2 iterations, 1 lane.
 MEMORY_COST_KIB = 19 * 1024
 TIME_COST = 2
@@ -61,12 +63,12 @@ class Passwords:
         """The PHC-format argon2id hash of ``password`` (salted).
 
         Raises:
-            ValueError: empty, too long, or not a string.
+            InvalidInput: empty, too long, or not a string.
         """
         if not isinstance(password, str) or not password:
-            raise ValueError("password must be a non-empty string")
+            raise InvalidInput("password must be a non-empty string")
         if len(password) > MAX_PASSWORD_CHARS:
-            raise ValueError(f"password must be at most {MAX_PASSWORD_CHARS} characters")
+            raise InvalidInput(f"password must be at most {MAX_PASSWORD_CHARS} characters")
         return self._hasher.hash(password)
 
     def verify(self, stored_hash: str | None, password: str) -> bool:
@@ -99,30 +101,3 @@ class Passwords:
                 self._dummy = self._hasher.hash(secrets.token_urlsafe(24))
             return self._dummy
 
-
-_default: Passwords | None = None
-_default_lock = threading.Lock()
-
-
-def default_passwords() -> Passwords:
-    """The process-wide :class:`Passwords` with the default parameters."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Passwords()
-        return _default
-
-
-def hash_password(password: str) -> str:
-    """Hash with the default parameters (for ``chatd user add`` / ``passwd``)."""
-    return default_passwords().hash(password)
-
-
-def verify_password(stored_hash: str | None, password: str) -> bool:
-    """Verify with the default parameters; see :meth:`Passwords.verify`."""
-    return default_passwords().verify(stored_hash, password)
-
-
-def needs_rehash(stored_hash: str) -> bool:
-    """Whether ``stored_hash`` should be replaced; see :meth:`Passwords.needs_rehash`."""
-    return default_passwords().needs_rehash(stored_hash)

@@ -23,7 +23,7 @@ import jwt
 from chatd.auth.tokens import TokenIssuer, TokenVerifier
 from chatd.codes import ErrorCode
 from chatd.core.rooms import ROLES, ROOM_RE, Grant
-from chatd.errors import AuthError, CommandError
+from chatd.errors import AuthError, CommandError, InvalidInput
 
 ROOM_TOKEN_TYPES = frozenset({"room+jwt", "application/room+jwt"})
 _REQUIRED = ("sub", "room", "exp", "iat")
@@ -79,17 +79,17 @@ def issue_room_token(issuer: TokenIssuer, user: str, room: str, ttl: float, *,
     """A room token for ``user`` and ``room`` valid ``ttl`` seconds (applications, tests, CLI).
 
     Raises:
-        ValueError: a bad room, role or ttl, or no key can sign.
+        InvalidInput: a bad room, role or ttl, or no key can sign.
     """
     if not ROOM_RE.match(room):
-        raise ValueError("invalid room name")
+        raise InvalidInput("invalid room name")
     if role is not None and role not in ROLES:
-        raise ValueError("role must be owner, moderator or member")
+        raise InvalidInput("role must be owner, moderator or member")
     if not ttl > 0:
-        raise ValueError("ttl must be positive")
+        raise InvalidInput("ttl must be positive")
     signer = issuer.keyring.signer
     if signer is None or signer.sign_key is None:
-        raise ValueError("no signing key configured")
+        raise InvalidInput("no signing key configured")
     iat = math.floor(clock() * 1000) / 1000
     payload: dict[str, Any] = {"sub": user, "room": room, "iat": iat, "exp": iat + float(ttl)}
     if role is not None:
@@ -104,7 +104,7 @@ def issue_room_token(issuer: TokenIssuer, user: str, room: str, ttl: float, *,
     try:
         return jwt.encode(payload, signer.sign_key, algorithm=signer.alg, headers=headers)
     except jwt.PyJWTError as exc:  # pragma: no cover - keys are validated at load
-        raise ValueError(f"cannot sign with {signer.source}: {type(exc).__name__}") from None
+        raise InvalidInput(f"cannot sign with {signer.source}: {type(exc).__name__}") from None
 
 
 def _number(payload: dict[str, Any], name: str) -> float:

@@ -60,9 +60,6 @@ class _Windows:
     def clear(self, key: str) -> None:
         self._data.pop(key, None)
 
-    def __len__(self) -> int:
-        return len(self._data)
-
 
 def address_key(address: str) -> str:
     """The throttling key of a client address: IPv4 as is, IPv6 by /64."""
@@ -114,7 +111,3 @@ class LoginThrottle:
         self._users.clear(user[:128])
         self._addresses.take_back(address_key(address))
 
-    @property
-    def tracked(self) -> tuple[int, int]:
-        """(names, addresses) currently remembered (for tests and metrics)."""
-        return len(self._users), len(self._addresses)

@@ -34,7 +34,7 @@ import jwt
 
 from chatd.auth.keys import KeyRing
 from chatd.core.rooms import valid_claim
-from chatd.errors import AuthError
+from chatd.errors import AuthError, InvalidInput
 from chatd.protocol import USER_RE
 
 #: ``typ`` values of an access token (RFC 9068 ``at+jwt``; media types compare case-insensitively
@@ -45,6 +45,9 @@ MAX_TOKEN_CHARS = 8192
 #: ``jti`` and ``sid`` values chatd accepts: short and printable, they end up in deny lists.
 ID_RE = re.compile(r"^[A-Za-z0-9_.:+/=-]{1,128}\Z")
 ROLE_ADMIN = "admin"
+#: Time claims beyond this (9999-12-31T23:59:59Z) are refused: a larger integer overflows the
+#: 64-bit encoders downstream (orjson refuses >= 2**64) and no real token lives that long.
+MAX_TIME_CLAIM = 253_402_300_799
 
 _REQUIRED = ("sub", "exp", "iat", "jti")
 
@@ -53,8 +56,10 @@ _REQUIRED = ("sub", "exp", "iat", "jti")
 class Claims:
     """The claims of a verified access token that chatd uses.
 
-    ``iat`` and ``exp`` are unix seconds (floats: chatd issues millisecond precision so that
-    ``revoke_tokens`` separates tokens issued just before and just after it).
+    ``iat`` and ``exp`` are unix seconds. chatd issues whole seconds (RFC 7519 NumericDate;
+    strict JWT libraries refuse fractions) and accepts fractions from external issuers.
+    ``revoke_tokens`` tells tokens issued just after it by their session, not by ``iat``
+    (see :meth:`chatd.backends.base.State.token_verdict`). ``iss`` is ``""`` when absent.
     """
 
     sub: str
@@ -65,6 +70,7 @@ class Claims:
     role: str | None = None
     #: The ``rooms`` claim: room names and ``prefix*`` patterns it grants (section 9).
     rooms: tuple[str, ...] = ()
+    iss: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -92,7 +98,7 @@ class TokenVerifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 <= leeway <= 300:
-            raise ValueError("leeway must be within 0-300 seconds")
+            raise InvalidInput("leeway must be within 0-300 seconds")
         self.keyring = keyring
         self.leeway = float(leeway)
         self.issuer = issuer
@@ -216,14 +222,22 @@ class TokenVerifier:
         rooms = valid_claim(payload["rooms"]) if "rooms" in payload else ()
         if rooms is None:
             raise AuthError("invalid claim rooms")
+        iss = payload.get("iss", "")
+        if not isinstance(iss, str) or len(iss) > 1024:
+            raise AuthError("invalid claim iss")
         if exp <= now - self.leeway:
             raise AuthError("token expired", http_code="token_expired")
-        return Claims(sub=sub, jti=jti, iat=iat, exp=exp, sid=sid, role=role, rooms=rooms)
+        return Claims(sub=sub, jti=jti, iat=iat, exp=exp, sid=sid, role=role, rooms=rooms,
+                      iss=iss)
 
 
 def _number(payload: dict[str, Any], name: str) -> float:
+    """A time claim as a float, within ``0..MAX_TIME_CLAIM`` (finite, not a bool)."""
     value = payload.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuthError(f"invalid claim {name}")
+    # Compare before converting: float(2**1100) raises OverflowError.
+    if not 0 <= value <= MAX_TIME_CLAIM:
         raise AuthError(f"invalid claim {name}")
     return float(value)
 
@@ -288,32 +302,35 @@ class TokenIssuer:
         """A signed access token for ``sub`` valid ``ttl`` seconds from now.
 
         Raises:
-            ValueError: ``sub`` is not a valid user name, ``ttl`` is not positive, or no key
+            InvalidInput: ``sub`` is not a valid user name, ``ttl`` is not positive, or no key
                 can sign (only verify-only keys configured and no default key).
         """
         if not isinstance(sub, str) or not USER_RE.match(sub):
-            raise ValueError("invalid user name")
+            raise InvalidInput("invalid user name")
         if not ttl > 0:
-            raise ValueError("ttl must be positive")
+            raise InvalidInput("ttl must be positive")
         signer = self.keyring.signer
         if signer is None or signer.sign_key is None:
-            raise ValueError("no signing key configured")
-        # Millisecond precision, rounded down: a token issued after revoke_tokens(now) has
-        # iat >= that instant unless both fall in the same millisecond.
-        iat = math.floor(self._clock() * 1000) / 1000
+            raise InvalidInput("no signing key configured")
+        # Whole seconds, rounded down (RFC 7519 NumericDate; strict libraries refuse
+        # fractions); exp rounds up so a token lives at least ``ttl``.
+        now = self._clock()
+        iat = math.floor(now)
+        exp = math.ceil(now + float(ttl))
         claims = Claims(
             sub=sub,
             jti=jti or secrets.token_urlsafe(16),
-            iat=iat,
-            exp=iat + float(ttl),
+            iat=float(iat),
+            exp=float(exp),
             sid=sid,
             role=role,
             rooms=tuple(rooms),
+            iss=self.issuer,
         )
         payload: dict[str, Any] = {
             "sub": sub,
-            "iat": claims.iat,
-            "exp": claims.exp,
+            "iat": iat,
+            "exp": exp,
             "jti": claims.jti,
         }
         if sid is not None:
@@ -322,7 +339,7 @@ class TokenIssuer:
             payload["role"] = role
         if rooms:
             if valid_claim(list(rooms)) is None:
-                raise ValueError("rooms must be room names or prefix* patterns")
+                raise InvalidInput("rooms must be room names or prefix* patterns")
             payload["rooms"] = list(rooms)
         if self.issuer:
             payload["iss"] = self.issuer
@@ -336,5 +353,5 @@ class TokenIssuer:
                 payload, signer.sign_key, algorithm=signer.alg, headers=headers
             )
         except jwt.PyJWTError as exc:  # pragma: no cover - keys are validated at load
-            raise ValueError(f"cannot sign with {signer.source}: {type(exc).__name__}") from None
+            raise InvalidInput(f"cannot sign with {signer.source}: {type(exc).__name__}") from None
         return token, claims

@@ -200,8 +200,12 @@ class UserRecord:
 class SessionRecord:
     """A login session: the refresh token chain of one device.
 
-    Only hashes of refresh tokens are stored. ``previous_hash`` is the token rotated away most
-    recently (presenting it again is reuse, unless within the configured grace window).
+    Only hashes of refresh tokens are stored. ``refresh_hash`` is the newest valid token;
+    ``live`` holds the other valid ones (branches a retry inside the grace window forked: two
+    browser tabs that shared one token each keep a working one), newest first. ``spent`` holds
+    ``(hash, rotated_at)`` of tokens rotated away, newest first and bounded
+    (:data:`chatd.backends.sessions.MAX_SPENT`): presenting one of those is reuse; presenting
+    anything else is merely an invalid token (see :func:`chatd.backends.sessions.rotate`).
     """
 
     sid: str
@@ -210,18 +214,23 @@ class SessionRecord:
     created_at: float
     expires_at: float
     refresh_hash: str
-    previous_hash: str | None = None
+    live: tuple[str, ...] = ()
+    spent: tuple[tuple[str, float], ...] = ()
     rotated_at: float = 0.0
     refreshes_today: int = 0
     day: int = 0
+
+    def valid(self, presented_hash: str) -> bool:
+        """True when ``presented_hash`` is one of the session's working refresh tokens."""
+        return presented_hash == self.refresh_hash or presented_hash in self.live
 
 
 class RotateOutcome(Enum):
     """Result of :meth:`State.rotate_refresh`."""
 
     ROTATED = "rotated"
-    REUSED = "reused"  # an old token came back: the session must be revoked
-    UNKNOWN = "unknown"  # no such session, or it expired
+    REUSED = "reused"  # a token rotated away came back: the session must be revoked
+    UNKNOWN = "unknown"  # no such session, it expired, or a hash it never issued (no effect)
 
 
 class TokenVerdict(Enum):
@@ -271,7 +280,14 @@ class State(ABC):
         """True for an account or a user that has connected before."""
 
     @abstractmethod
-    async def create_session(self, record: SessionRecord) -> None: ...
+    async def create_session(self, record: SessionRecord, limit: int = 0) -> list[str]:
+        """Store a new session; with ``limit`` > 0, in the same atomic step delete the user's
+        oldest sessions so that at most ``limit`` remain (the new one always stays).
+
+        Returns:
+            The ids of the sessions deleted to make room, so the caller can deny their tokens
+            and close their sockets. Two concurrent logins with ``limit`` 1 leave exactly one.
+        """
 
     @abstractmethod
     async def get_session(self, sid: str) -> SessionRecord | None: ...
@@ -286,21 +302,38 @@ class State(ABC):
     async def rotate_refresh(
         self, sid: str, presented_hash: str, update: RefreshUpdate, grace: float
     ) -> RotateOutcome:
-        """Atomically replace the session's refresh hash if ``presented_hash`` is current.
+        """Atomically apply :func:`chatd.backends.sessions.rotate` to the session.
 
-        ``previous_hash`` presented within ``grace`` seconds of the last rotation rotates again
-        (a lost response); presented later, or any older token, is ``REUSED``.
+        A working token rotates; a spent one within ``grace`` seconds of its rotation forks a
+        new branch (a lost response, or a second tab); a spent one later is ``REUSED``; a hash
+        the session never issued is ``UNKNOWN`` and changes nothing.
         """
 
     @abstractmethod
-    async def revoke_jti(self, jti: str, until: float) -> None: ...
+    async def revoke_jti(self, jti: str, until: float, *, issuer: str | None = None,
+                         user: str | None = None) -> None:
+        """Refuse a token by ``jti`` until ``until``.
+
+        With ``user`` (and ``issuer``, ``""`` for none) only the token of that issuer and
+        subject is refused (:func:`chatd.backends.sessions.jti_key`): another issuer's token
+        that reuses the ``jti`` is not. Without ``user`` (an admin's ``revoke_jti``, which
+        names only the ``jti``) every token with that ``jti`` is refused.
+        """
 
     @abstractmethod
     async def revoke_session(self, sid: str, until: float) -> None: ...
 
     @abstractmethod
-    async def revoke_user_before(self, user: str, issued_before: float, until: float) -> None:
-        """Every token of ``user`` with ``iat`` < ``issued_before`` is refused until ``until``."""
+    async def revoke_user_before(self, user: str, issued_before: float, until: float, *,
+                                 skew: float = 0.0) -> None:
+        """Refuse every token of ``user`` issued before ``issued_before``, until ``until``.
+
+        A token counts as issued before when its ``iat`` is below ``issued_before + skew``
+        (``skew`` is the verifier's leeway: an issuer whose clock runs ahead stamps ``iat`` up
+        to that far in the future), unless it carries the ``sid`` of a live session of
+        ``user`` created at or after ``issued_before`` (chatd's own tokens minted after the
+        revocation: every older session was ended by it). Marks widen, never narrow.
+        """
 
     @abstractmethod
     async def set_disabled(self, user: str, disabled: bool) -> bool:
@@ -311,9 +344,10 @@ class State(ABC):
 
     @abstractmethod
     async def token_verdict(
-        self, user: str, jti: str, sid: str | None, iat: float
+        self, user: str, jti: str, sid: str | None, iat: float, issuer: str = ""
     ) -> TokenVerdict:
-        """One look-up answering whether an otherwise valid access token may be used."""
+        """Whether an otherwise valid access token may be used (one look-up, two when a user
+        mark exists and the token names a session)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from chatd import config as config_mod
 from chatd.auth.keys import KeyRing, ensure_local_secret
 from chatd.auth.tokens import TokenIssuer, TokenVerifier
 from chatd.config import KeySpec
-from chatd.errors import ConfigError
+from chatd.errors import ConfigError, InvalidInput
 
 
 def _mode(path: Path) -> int:
@@ -82,7 +82,7 @@ def test_without_create_secret_nothing_is_written_and_nothing_signs(make_config:
     ring, created = KeyRing.from_config(cfg, create_secret=False)
     assert created is None and ring.signer is None and ring.keys == []
     assert not cfg.state_dir.exists()
-    with pytest.raises(ValueError, match="no signing key"):
+    with pytest.raises(InvalidInput, match="no signing key"):
         TokenIssuer(ring).issue("alice", 60)
 
 

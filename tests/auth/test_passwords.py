@@ -10,22 +10,23 @@ import pytest
 
 from chatd.auth import passwords as passwords_mod
 from chatd.auth.password_service import PasswordService
-from chatd.auth.passwords import Passwords, hash_password, needs_rehash, verify_password
+from chatd.auth.passwords import Passwords
 from chatd.codes import CloseCode
-from chatd.errors import AuthError
+from chatd.errors import AuthError, InvalidInput
 
 CHEAP = {"memory_cost": 1024, "time_cost": 1}
 
 
 def test_hashes_are_argon2id_with_at_least_the_owasp_minimum() -> None:
-    h = hash_password("correct horse")
+    p = Passwords()
+    h = p.hash("correct horse")
     params = argon2.extract_parameters(h)
     assert h.startswith("$argon2id$")
     assert params.type is argon2.Type.ID
     assert params.memory_cost >= 19 * 1024 and params.time_cost >= 2 and params.parallelism >= 1
-    assert verify_password(h, "correct horse")
-    assert not verify_password(h, "wrong horse")
-    assert not needs_rehash(h)
+    assert p.verify(h, "correct horse")
+    assert not p.verify(h, "wrong horse")
+    assert not p.needs_rehash(h)
 
 
 def test_the_same_password_hashes_differently_each_time() -> None:
@@ -63,9 +64,9 @@ def test_over_long_and_non_string_passwords_are_refused_by_hash_and_fail_verify(
     p = Passwords(**CHEAP)
     h = p.hash("x")
     too_long = "x" * (passwords_mod.MAX_PASSWORD_CHARS + 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         p.hash(too_long)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         p.hash("")
     assert not p.verify(h, too_long)
     assert not p.verify(h, None)  # type: ignore[arg-type]
@@ -88,7 +89,7 @@ async def test_the_service_verifies_and_hashes_off_the_event_loop() -> None:
         assert not await service.verify(h, "nope")
         assert not await service.verify(None, "pw")
         assert service.calls == 4
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidInput):
             await service.hash("")
     finally:
         service.close()

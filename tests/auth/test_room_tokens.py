@@ -16,7 +16,7 @@ from chatd.auth.room_tokens import RoomTokenError, issue_room_token, verify_room
 from chatd.auth.tokens import TokenIssuer, TokenVerifier
 from chatd.config import KeySpec
 from chatd.core.rooms import Grant
-from chatd.errors import AuthError
+from chatd.errors import AuthError, InvalidInput
 from tests.auth.conftest import PemPair
 from tests.clock import Clock
 
@@ -188,7 +188,7 @@ def test_a_garbage_grant_is_refused_as_malformed(verifier: TokenVerifier, clock:
 def test_issuing_a_bad_room_token_is_refused(ring: KeyRing, clock: Clock,
                                              kwargs: dict[str, Any], error: str) -> None:
     args: dict[str, Any] = {"room": ROOM, "ttl": 60, **kwargs}
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises(InvalidInput, match=error):
         issue_room_token(TokenIssuer(ring, clock=clock), "alice", args.pop("room"),
                          args.pop("ttl"), clock=clock, **args)
 
@@ -217,7 +217,7 @@ def test_an_access_token_with_a_malformed_rooms_claim_is_refused(
 
 
 def test_issuing_an_access_token_with_bad_rooms_is_refused(ring: KeyRing, clock: Clock) -> None:
-    with pytest.raises(ValueError, match="rooms"):
+    with pytest.raises(InvalidInput, match="rooms"):
         TokenIssuer(ring, clock=clock).issue("alice", 900, rooms=("no spaces",))
 
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from chatd.auth.keys import KeyRing
 from chatd.auth.tokens import Claims, TokenIssuer, TokenVerifier
 from chatd.config import KeySpec
-from chatd.errors import AuthError
+from chatd.errors import AuthError, InvalidInput
 
 SECRET = "k" * 40
 OTHER = "o" * 40
@@ -98,17 +98,22 @@ def test_access_token_types_and_an_absent_typ_are_accepted(
     assert verifier.verify(forge(header, payload(), SECRET.encode())).sub == "alice"
 
 
-def test_issued_at_has_millisecond_precision_rounded_down(ring: KeyRing, clock: Any) -> None:
-    clock.now = T0 + 0.12345
-    _, claims = TokenIssuer(ring, clock=clock).issue("alice", 60)
-    assert claims.iat == T0 + 0.123
+def test_issued_tokens_carry_whole_seconds_iat_rounded_down_and_exp_up(
+        ring: KeyRing, clock: Any) -> None:
+    clock.now = T0 + 0.5
+    token, claims = TokenIssuer(ring, clock=clock).issue("alice", 60.25)
+    payload = jwt.decode(token, options={"verify_signature": False})
+    # Strict JWT libraries refuse a fractional NumericDate (RFC 7519 section 2).
+    assert type(payload["iat"]) is int and type(payload["exp"]) is int
+    assert (payload["iat"], payload["exp"]) == (T0, T0 + 61)
+    assert (claims.iat, claims.exp) == (T0, T0 + 61)
 
 
 def test_issuer_refuses_bad_user_names_and_ttls(ring: KeyRing) -> None:
     issuer = TokenIssuer(ring)
-    with pytest.raises(ValueError, match="invalid user name"):
+    with pytest.raises(InvalidInput, match="invalid user name"):
         issuer.issue("../etc", 60)
-    with pytest.raises(ValueError, match="ttl"):
+    with pytest.raises(InvalidInput, match="ttl"):
         issuer.issue("alice", 0)
 
 
@@ -461,7 +466,7 @@ def test_two_keys_without_kid_are_both_tried(make_config: Any, clock: Any) -> No
 
 
 def test_leeway_over_300_seconds_is_refused(ring: KeyRing) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         TokenVerifier(ring, leeway=301)
 
 

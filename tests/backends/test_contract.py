@@ -509,8 +509,8 @@ async def test_rotation_replaces_the_hash_and_presenting_an_old_one_is_reuse(
         is RotateOutcome.ROTATED
     s = await state.get_session("s1")
     assert s is not None
-    assert (s.refresh_hash, s.previous_hash, s.rotated_at, s.refreshes_today, s.day) == \
-        ("h1", "h-s1-0", clock(), 1, 7)
+    assert (s.refresh_hash, s.live, s.spent, s.rotated_at, s.refreshes_today, s.day) == \
+        ("h1", (), (("h-s1-0", clock()),), clock(), 1, 7)
     clock.advance(1)
     assert await state.rotate_refresh("s1", "h1", update(clock, "h2", 2), 0) \
         is RotateOutcome.ROTATED
@@ -585,3 +585,74 @@ async def test_deny_entries_expire_with_what_they_deny(state: State, clock: Cloc
         return verdicts == [TokenVerdict.OK] * 3
 
     await eventually(cleared)
+
+
+# --- hostile users (issue 19) and the session defects of issue 11 --------------------------------
+
+
+async def test_two_simultaneous_logins_with_a_limit_of_one_leave_exactly_one_session(
+        state: State, clock: Clock) -> None:
+    for trial in range(10):
+        a, b = sess(f"a{trial}", clock, user=f"u{trial}"), sess(f"b{trial}", clock,
+                                                                 user=f"u{trial}")
+        ended_a, ended_b = await asyncio.gather(state.create_session(a, 1),
+                                                state.create_session(b, 1))
+        left = [s.sid for s in await state.user_sessions(f"u{trial}")]
+        assert len(left) == 1
+        # The one that did not survive is reported ended by exactly the other creation.
+        assert sorted(ended_a + ended_b + left) == sorted([a.sid, b.sid])
+
+
+async def test_a_refresh_hash_the_session_never_issued_is_unknown_and_changes_nothing(
+        state: State, clock: Clock) -> None:
+    await state.create_session(sess("s1", clock))
+    before = await state.get_session("s1")
+    assert await state.rotate_refresh("s1", "forged", update(clock, "n"), 30) \
+        is RotateOutcome.UNKNOWN
+    assert await state.get_session("s1") == before
+    assert await state.rotate_refresh("s1", "h-s1-0", update(clock, "h1"), 30) \
+        is RotateOutcome.ROTATED
+
+
+async def test_two_tabs_sharing_one_token_inside_the_grace_window_both_keep_working(
+        state: State, clock: Clock) -> None:
+    await state.create_session(sess("s1", clock))
+    assert await state.rotate_refresh("s1", "h-s1-0", update(clock, "tab-a"), 10) \
+        is RotateOutcome.ROTATED
+    clock.advance(2)
+    assert await state.rotate_refresh("s1", "h-s1-0", update(clock, "tab-b"), 10) \
+        is RotateOutcome.ROTATED
+    clock.advance(60)  # long after the window, each tab refreshes with its own token
+    assert await state.rotate_refresh("s1", "tab-a", update(clock, "tab-a2"), 10) \
+        is RotateOutcome.ROTATED
+    assert await state.rotate_refresh("s1", "tab-b", update(clock, "tab-b2"), 10) \
+        is RotateOutcome.ROTATED
+    clock.advance(11)  # a spent token outside its window is still reuse
+    assert await state.rotate_refresh("s1", "tab-a", update(clock, "x"), 10) \
+        is RotateOutcome.REUSED
+
+
+async def test_a_user_mark_covers_the_leeway_but_not_sessions_opened_after_it(
+        state: State, clock: Clock) -> None:
+    now = clock()
+    await state.revoke_user_before("bob", now, now + 600, skew=30)
+    # iat up to the leeway in the future (an issuer whose clock runs ahead) is "before".
+    assert await state.token_verdict("bob", "j", None, now + 29) is TokenVerdict.REVOKED
+    assert await state.token_verdict("bob", "j", None, now + 31) is TokenVerdict.OK
+    # A session opened after the mark mints tokens that work, whatever their iat's rounding.
+    await state.create_session(sess("s-new", clock, user="bob", created=now + 0.2))
+    await state.create_session(sess("s-old", clock, user="bob", created=now - 5))
+    assert await state.token_verdict("bob", "j", "s-new", now - 0.8) is TokenVerdict.OK
+    assert await state.token_verdict("bob", "j", "s-old", now) is TokenVerdict.REVOKED
+    assert await state.token_verdict("carl", "j", "s-new", now) is TokenVerdict.OK
+
+
+async def test_a_jti_revoked_for_one_issuer_and_subject_leaves_the_same_jti_of_others(
+        state: State, clock: Clock) -> None:
+    now = clock()
+    await state.revoke_jti("J", now + 60, issuer="", user="mallory")
+    assert await state.token_verdict("mallory", "J", None, now) is TokenVerdict.REVOKED
+    assert await state.token_verdict("alice", "J", None, now) is TokenVerdict.OK
+    assert await state.token_verdict("mallory", "J", None, now, "other-idp") is TokenVerdict.OK
+    await state.revoke_jti("J", now + 60)  # an admin's revoke_jti names only the jti
+    assert await state.token_verdict("alice", "J", None, now, "other-idp") is TokenVerdict.REVOKED

@@ -199,9 +199,10 @@ async def test_rotation_replaces_the_current_hash_and_an_old_one_is_reuse(
     )
     s = await state.get_session("s_1")
     assert s is not None
-    assert (s.refresh_hash, s.previous_hash, s.rotated_at, s.refreshes_today) == (
+    assert (s.refresh_hash, s.live, s.spent, s.rotated_at, s.refreshes_today) == (
         "h1",
-        "h-s_1-0",
+        (),
+        (("h-s_1-0", T0 + 5),),
         T0 + 5,
         1,
     )
@@ -209,9 +210,10 @@ async def test_rotation_replaces_the_current_hash_and_an_old_one_is_reuse(
         await state.rotate_refresh("s_1", "h-s_1-0", update("h2", T0 + 6), 0)
         is RotateOutcome.REUSED
     )
+    # A hash the session never issued is not reuse: refused, nothing changes.
     assert (
         await state.rotate_refresh("s_1", "forged", update("h2", T0 + 6), 60)
-        is RotateOutcome.REUSED
+        is RotateOutcome.UNKNOWN
     )
     assert (
         await state.rotate_refresh("s_nope", "h1", update("h2", T0 + 6), 0) is RotateOutcome.UNKNOWN
@@ -236,9 +238,10 @@ async def test_the_grace_window_rotates_the_previous_token_again_without_stretch
         is RotateOutcome.ROTATED
     )
     s = await state.get_session("s_1")
-    assert s is not None and (s.refresh_hash, s.previous_hash, s.rotated_at) == (
+    assert s is not None and (s.refresh_hash, s.live, s.spent, s.rotated_at) == (
         "h2",
-        "h-s_1-0",
+        ("h1",),
+        (("h-s_1-0", T0 + 10),),
         T0 + 10,
     )
     # The grace window counts from the first rotation, so it cannot be stretched.
@@ -246,8 +249,9 @@ async def test_the_grace_window_rotates_the_previous_token_again_without_stretch
         await state.rotate_refresh("s_1", "h-s_1-0", update("h3", T0 + 16), 5)
         is RotateOutcome.REUSED
     )
-    # h1 was never received by anyone honest: presenting it is reuse.
-    assert await state.rotate_refresh("s_1", "h1", update("h3", T0 + 14), 5) is RotateOutcome.REUSED
+    # h1 reached a second tab (or nobody): it keeps working, like h2.
+    assert await state.rotate_refresh("s_1", "h1", update("h3", T0 + 14), 5) is RotateOutcome.ROTATED
+    assert await state.rotate_refresh("s_1", "h2", update("h4", T0 + 15), 5) is RotateOutcome.ROTATED
 
 
 # --- revocation ---------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ the tables never grow without bound. Expired sessions go the same way.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import os
 import sqlite3
 import threading
@@ -35,10 +34,18 @@ from chatd.backends.base import (
     TokenVerdict,
     UserRecord,
 )
+from chatd.backends.sessions import (
+    decode_live,
+    decode_spent,
+    encode_live,
+    encode_spent,
+    jti_key,
+    rotate,
+)
 from chatd.errors import BackendUnavailable, ConfigError
 
 DB_NAME = "chatd.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PURGE_INTERVAL = 60.0
 BUSY_TIMEOUT = 2.0
 
@@ -79,10 +86,30 @@ CREATE TABLE IF NOT EXISTS deny_user (
 CREATE INDEX IF NOT EXISTS deny_user_by_until ON deny_user(until);
 """
 
+#: Version 2: refresh-token branches and spent tokens (chatd.backends.sessions), the leeway of
+#: a user's revocation mark. ``previous_hash`` becomes the first spent entry and stays unused.
+_MIGRATE_2 = """
+ALTER TABLE sessions ADD COLUMN live TEXT NOT NULL DEFAULT '';
+ALTER TABLE sessions ADD COLUMN spent TEXT NOT NULL DEFAULT '';
+UPDATE sessions SET spent = previous_hash || '@' || rotated_at WHERE previous_hash IS NOT NULL;
+ALTER TABLE deny_user ADD COLUMN skew REAL NOT NULL DEFAULT 0;
+"""
+
 _SESSION_COLUMNS = (
-    "sid, user, device, created_at, expires_at, refresh_hash, previous_hash, rotated_at, "
+    "sid, user, device, created_at, expires_at, refresh_hash, live, spent, rotated_at, "
     "refreshes_today, day"
 )
+
+
+def _session(row: Any) -> SessionRecord:
+    sid, user, device, created, expires, current, live, spent, rotated, n, day = row
+    return SessionRecord(sid, user, device, created, expires, current, decode_live(live),
+                         decode_spent(spent), rotated, n, day)
+
+
+def _session_row(r: SessionRecord) -> tuple[Any, ...]:
+    return (r.sid, r.user, r.device, r.created_at, r.expires_at, r.refresh_hash,
+            encode_live(r.live), encode_spent(r.spent), r.rotated_at, r.refreshes_today, r.day)
 
 
 #: note_seen writes new names at least this often, or when this many are waiting.
@@ -154,9 +181,14 @@ class SqliteState(State):
                 )
             if version < SCHEMA_VERSION:
                 # One transaction: a concurrent opener sees either no schema or all of it.
-                conn.executescript(
-                    f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
-                )
+                conn.execute("BEGIN IMMEDIATE")
+                # Read again inside the lock: another opener may have migrated meanwhile.
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                script = (_SCHEMA if version < 1 else "") + (_MIGRATE_2 if version < 2 else "")
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             conn.close()
             raise ConfigError(
@@ -299,25 +331,25 @@ class SqliteState(State):
 
     # -- sessions ----------------------------------------------------------------------------
 
-    async def create_session(self, record: SessionRecord) -> None:
+    async def create_session(self, record: SessionRecord, limit: int = 0) -> list[str]:
+        now = self._clock()
         with self._tx(write=True) as db:
             db.execute(
                 f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.sid,
-                    record.user,
-                    record.device,
-                    record.created_at,
-                    record.expires_at,
-                    record.refresh_hash,
-                    record.previous_hash,
-                    record.rotated_at,
-                    record.refreshes_today,
-                    record.day,
-                ),
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _session_row(record),
             )
+            ended: list[str] = []
+            if limit > 0:
+                rows = db.execute(
+                    "SELECT sid FROM sessions WHERE user = ? AND expires_at > ? AND sid != ? "
+                    "ORDER BY created_at DESC, sid DESC",
+                    (record.user, now, record.sid),
+                ).fetchall()
+                ended = [r[0] for r in rows[limit - 1:]]
+                db.executemany("DELETE FROM sessions WHERE sid = ?", [(e,) for e in ended])
         self._after_write()
+        return ended
 
     async def get_session(self, sid: str) -> SessionRecord | None:
         """The session, or None when unknown or expired."""
@@ -326,7 +358,7 @@ class SqliteState(State):
                 f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sid = ? AND expires_at > ?",
                 (sid, self._clock()),
             ).fetchone()
-        return None if row is None else SessionRecord(*row)
+        return None if row is None else _session(row)
 
     async def user_sessions(self, user: str) -> list[SessionRecord]:
         """The user's live sessions, oldest first."""
@@ -336,7 +368,7 @@ class SqliteState(State):
                 "ORDER BY created_at, sid",
                 (user, self._clock()),
             ).fetchall()
-        return [SessionRecord(*r) for r in rows]
+        return [_session(r) for r in rows]
 
     async def delete_session(self, sid: str) -> None:
         with self._tx(write=True) as db:
@@ -345,52 +377,28 @@ class SqliteState(State):
     async def rotate_refresh(
         self, sid: str, presented_hash: str, update: RefreshUpdate, grace: float
     ) -> RotateOutcome:
-        """See :meth:`State.rotate_refresh`.
-
-        Within the grace window the previous token rotates again but ``rotated_at`` keeps the
-        time of the first rotation, so re-presenting an old token cannot stretch the window.
-        """
+        """See :meth:`State.rotate_refresh` and :func:`chatd.backends.sessions.rotate`."""
         with self._tx(write=True) as db:
             row = db.execute(
-                "SELECT refresh_hash, previous_hash, rotated_at FROM sessions "
-                "WHERE sid = ? AND expires_at > ?",
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE sid = ? AND expires_at > ?",
                 (sid, self._clock()),
             ).fetchone()
             if row is None:
                 return RotateOutcome.UNKNOWN
-            current, previous, rotated_at = row
-            if hmac.compare_digest(current, presented_hash):
+            outcome, record = rotate(_session(row), presented_hash, update, grace)
+            if outcome is RotateOutcome.ROTATED:
                 db.execute(
-                    "UPDATE sessions SET refresh_hash = ?, previous_hash = ?, rotated_at = ?, "
-                    "refreshes_today = ?, day = ? WHERE sid = ?",
-                    (
-                        update.new_hash,
-                        current,
-                        update.rotated_at,
-                        update.refreshes_today,
-                        update.day,
-                        sid,
-                    ),
+                    f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _session_row(record),
                 )
-                return RotateOutcome.ROTATED
-            if (
-                grace > 0
-                and previous is not None
-                and hmac.compare_digest(previous, presented_hash)
-                and update.rotated_at - rotated_at <= grace
-            ):
-                db.execute(
-                    "UPDATE sessions SET refresh_hash = ?, refreshes_today = ?, day = ? "
-                    "WHERE sid = ?",
-                    (update.new_hash, update.refreshes_today, update.day, sid),
-                )
-                return RotateOutcome.ROTATED
-            return RotateOutcome.REUSED
+            return outcome
 
     # -- revocation --------------------------------------------------------------------------
 
-    async def revoke_jti(self, jti: str, until: float) -> None:
-        self._deny("deny_jti", "jti", jti, until)
+    async def revoke_jti(self, jti: str, until: float, *, issuer: str | None = None,
+                         user: str | None = None) -> None:
+        self._deny("deny_jti", "jti", jti_key(jti, issuer, user), until)
 
     async def revoke_session(self, sid: str, until: float) -> None:
         self._deny("deny_sid", "sid", sid, until)
@@ -404,34 +412,41 @@ class SqliteState(State):
             )
         self._after_write()
 
-    async def revoke_user_before(self, user: str, issued_before: float, until: float) -> None:
+    async def revoke_user_before(self, user: str, issued_before: float, until: float, *,
+                                 skew: float = 0.0) -> None:
         now = self._clock()
         with self._tx(write=True) as db:
             # An expired entry must not widen a new one: start afresh when it has lapsed.
             db.execute("DELETE FROM deny_user WHERE user = ? AND until <= ?", (user, now))
             db.execute(
-                "INSERT INTO deny_user (user, issued_before, until) VALUES (?, ?, ?) "
+                "INSERT INTO deny_user (user, issued_before, until, skew) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(user) DO UPDATE SET "
                 "issued_before = max(issued_before, excluded.issued_before), "
-                "until = max(until, excluded.until)",
-                (user, issued_before, until),
+                "until = max(until, excluded.until), skew = max(skew, excluded.skew)",
+                (user, issued_before, until, skew),
             )
         self._after_write()
 
-    async def token_verdict(self, user: str, jti: str, sid: str | None, iat: float) -> TokenVerdict:
+    async def token_verdict(self, user: str, jti: str, sid: str | None, iat: float,
+                            issuer: str = "") -> TokenVerdict:
         now = self._clock()
         with self._tx() as db:
             row: Any = db.execute(
                 "SELECT "
                 "(SELECT disabled FROM users WHERE name = ?), "
-                "EXISTS(SELECT 1 FROM deny_jti WHERE jti = ? AND until > ?), "
+                "EXISTS(SELECT 1 FROM deny_jti WHERE jti IN (?, ?) AND until > ?), "
                 "EXISTS(SELECT 1 FROM deny_sid WHERE sid = ? AND until > ?), "
-                "EXISTS(SELECT 1 FROM deny_user "
-                "WHERE user = ? AND until > ? AND issued_before > ?)",
-                (user, jti, now, sid or "", now, user, now, iat),
+                "(SELECT issued_before FROM deny_user WHERE user = ? AND until > ? "
+                " AND issued_before + skew > ?), "
+                "(SELECT created_at FROM sessions WHERE sid = ? AND user = ? AND expires_at > ?)",
+                (user, jti, jti_key(jti, issuer, user), now, sid or "", now, user, now, iat,
+                 sid or "", user, now),
             ).fetchone()
         if row[0]:
             return TokenVerdict.DISABLED
-        if row[1] or (sid is not None and row[2]) or row[3]:
+        if row[1] or (sid is not None and row[2]):
+            return TokenVerdict.REVOKED
+        if row[3] is not None and not (sid is not None and row[4] is not None
+                                       and row[4] >= row[3]):
             return TokenVerdict.REVOKED
         return TokenVerdict.OK
