@@ -400,8 +400,9 @@ class RoomStore(ABC):
 
 @dataclass(slots=True)
 class Backend:
-    """The three parts of one backend, started and closed together."""
+    """The parts of one backend, started and closed together."""
 
     broker: Broker
     presence: Presence
     state: State
+    rooms: RoomStore

@@ -1,8 +1,9 @@
-"""The RoomStore contract (chatd.backends.base.RoomStore) on ``sqlite`` and ``redis``.
+"""The RoomStore contract (chatd.backends.base.RoomStore) on ``memory``, ``sqlite``, ``redis``.
 
 Each test gets *nodes*: separate store instances on one store (``sqlite``: connections to one
 file, as the server and ``chatd room`` are; ``redis``: separate clients on one real
-redis-server, as separate chatd nodes are). What one node writes, every node reads.
+redis-server, as separate chatd nodes are; ``memory``: one process, so every node is the one
+store). What one node writes, every node reads. Persistence runs on the durable two only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatd.backends.base import RoomInfo, RoomMember, RoomStanding, RoomStore
+from chatd.backends.memory.rooms import MemoryRooms
 from chatd.backends.redis.client import Keys, create_client
 from chatd.backends.redis.rooms import RedisRooms
 from chatd.backends.sqlite.rooms import SqliteRooms
@@ -39,6 +41,10 @@ class Nodes:
 
     def node(self) -> RoomStore:
         store: RoomStore
+        if self.kind == "memory":
+            if not self.stores:
+                self.stores.append(MemoryRooms(clock=self.clock))
+            return self.stores[0]
         if self.kind == "sqlite":
             store = SqliteRooms.open(self.tmp_path / "state" / "chatd.sqlite3", clock=self.clock)
         else:
@@ -56,16 +62,27 @@ class Nodes:
             await client.aclose()  # type: ignore[attr-defined]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-async def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Nodes]:
-    server = RedisServer(tmp_path / "redis").start() if request.param == "redis" else None
-    n = Nodes(request.param, tmp_path, Clock(T0), server)
+async def _nodes(kind: str, tmp_path: Path) -> AsyncIterator[Nodes]:
+    server = RedisServer(tmp_path / "redis").start() if kind == "redis" else None
+    n = Nodes(kind, tmp_path, Clock(T0), server)
     try:
         yield n
     finally:
         await n.close()
         if server is not None:
             server.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Nodes]:
+    async for n in _nodes(request.param, tmp_path):
+        yield n
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def durable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Nodes]:
+    async for n in _nodes(request.param, tmp_path):
+        yield n
 
 
 # -- rooms --------------------------------------------------------------------------------------
@@ -224,7 +241,8 @@ async def test_an_unknown_restriction_kind_is_a_bug(nodes: Nodes) -> None:
 # -- persistence --------------------------------------------------------------------------------
 
 
-async def test_rooms_survive_a_restart_of_the_node(nodes: Nodes) -> None:
+async def test_rooms_survive_a_restart_of_the_node(durable: Nodes) -> None:
+    nodes = durable
     a = nodes.node()
     await a.create("team:acme", "alice")
     await a.set_role("team:acme", "bob", "moderator")
@@ -250,3 +268,42 @@ async def test_an_unreachable_store_answers_unavailable(tmp_path: Path) -> None:
             await store.create("team:x", "bob")
     finally:
         await client.aclose()
+
+
+# -- the backends' factories --------------------------------------------------------------------
+
+
+async def test_the_embedded_backend_keeps_rooms_in_the_accounts_file(tmp_path: Path) -> None:
+    from chatd.backends.memory import create_memory_backend
+    from chatd.backends.sqlite.state import SqliteState
+    from tests.backends.conftest import backend_config
+
+    path = tmp_path / "state" / "chatd.sqlite3"
+    state = SqliteState.open(path)
+    first = create_memory_backend(backend_config(), state)
+    await first.rooms.create("team:acme", "alice")
+    first.rooms.close()
+    state.close()
+    state = SqliteState.open(path)
+    again = create_memory_backend(backend_config(), state)  # a restarted node
+    try:
+        assert (await again.rooms.standing("team:acme", "alice")).role == "owner"
+    finally:
+        again.rooms.close()
+        state.close()
+
+
+async def test_redis_backends_share_their_rooms(redis_server: RedisServer) -> None:
+    from chatd.backends.redis import create_redis_backend
+    from tests.backends.conftest import backend_config
+
+    a = create_redis_backend(backend_config(redis_server.url, node_id="a"))
+    b = create_redis_backend(backend_config(redis_server.url, node_id="b"))
+    try:
+        await a.rooms.create("team:acme", "alice")
+        await a.rooms.restrict("team:acme", "eve", "ban", math.inf)
+        assert await b.rooms.standing("team:acme", "eve") == RoomStanding(
+            exists=True, banned_until=math.inf)
+    finally:
+        await a.broker.close()
+        await b.broker.close()

@@ -19,11 +19,14 @@ from chatd.backends.base import (
     CloseMatching,
     FeedHandler,
     Presence,
+    RoomStore,
     State,
     StoredMessage,
     dm_stream,
     room_stream,
 )
+from chatd.backends.memory.rooms import MemoryRooms
+from chatd.backends.sqlite.rooms import SqliteRooms
 from chatd.config import Config
 from chatd.ids import IdClock, id_key
 
@@ -186,8 +189,16 @@ class MemoryPresence(Presence):
 
 
 def create_memory_backend(config: Config, state: State,
-                          clock: Callable[[], float] = time.time) -> Backend:
-    """The embedded default: in-process broker and presence, ``state`` for accounts."""
+                          clock: Callable[[], float] = time.time,
+                          rooms: RoomStore | None = None) -> Backend:
+    """The embedded default: in-process broker and presence, ``state`` for accounts.
+
+    Rooms go in ``rooms``, else in the same SQLite file as ``state`` when it has one (so they
+    survive restarts), else in memory.
+    """
     broker = MemoryBroker(max_per_stream=config.history.max_per_room,
                           ttl=config.history.ttl, clock=clock)
-    return Backend(broker=broker, presence=MemoryPresence(broker), state=state)
+    if rooms is None:
+        path = getattr(state, "path", "")
+        rooms = SqliteRooms.open(path, clock=clock) if path else MemoryRooms(clock=clock)
+    return Backend(broker=broker, presence=MemoryPresence(broker), state=state, rooms=rooms)
