@@ -99,13 +99,19 @@ class RoomService:
 
     # -- the section-9 commands -------------------------------------------------------------
 
-    async def create(self, actor: Actor, cmd: Create) -> None:
-        """``create``: the creator becomes the owner (an admin records no owner: admins own all)."""
+    async def create(self, actor: Actor, cmd: Create, *, owner: str | None = None) -> None:
+        """``create``: the creator becomes the owner.
+
+        An admin records no owner (admins own every room) unless it names one (``owner``: the
+        CLI and the HTTP API create rooms on behalf of a user).
+        """
         policy = self.policies.for_room(cmd.room)
         pre = rooms.may_create(policy, cmd.room, actor, exists=False)
         if pre is not None:
             raise refusal(pre, cmd.ref)
-        if not await self.store.create(cmd.room, None if actor.admin else actor.user):
+        if not actor.admin:
+            owner = actor.user
+        if not await self.store.create(cmd.room, owner):
             conflict = rooms.may_create(policy, cmd.room, actor, exists=True)
             assert conflict is not None
             raise refusal(conflict, cmd.ref)
