@@ -2,7 +2,9 @@
 
 The subcommands act as a global admin through :class:`~chatd.room_service.RoomService`, the
 same rules as the WebSocket commands, on the backend's room store directly (the SQLite file of
-the embedded default, or Redis), so they work whether the server runs or not:
+the embedded default, or Redis), so they work whether the server runs or not. With Redis,
+removals and bans are also published as room changes, which every node applies to its live
+connections:
 
     chatd room create team:acme --owner alice
     chatd room add-member team:acme bob --role moderator
@@ -95,7 +97,11 @@ async def _run(config: Config, args: argparse.Namespace, duration: int | None) -
     from chatd.room_service import RoomService
 
     backend = create_backend(config)
-    service = RoomService(backend.rooms, Policies(config.rooms.namespaces))
+    # With Redis the change reaches every node's live connections; the embedded backend has no
+    # channel to a server in another process (its connections see the change on their next
+    # join).
+    service = RoomService(backend.rooms, Policies(config.rooms.namespaces),
+                          notify=backend.broker.publish_room_change)
     try:
         try:
             return await _act(service, args, duration)

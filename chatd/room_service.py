@@ -14,32 +14,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from chatd.backends.base import RoomMember, RoomStanding, RoomStore
+from chatd.backends.base import RoomChange, RoomMember, RoomStanding, RoomStore
 from chatd.codes import ErrorCode
 from chatd.core import rooms
 from chatd.core.room_commands import AddMember, Create, Lift, Members, RemoveMember, Restrict
 from chatd.core.rooms import Actor, Allowed, Grant, Policies, Refusal
 from chatd.errors import CommandError
 
+__all__ = ["BANNED", "DELETED", "REMOVED", "RoomChange", "RoomService", "refusal"]
+
 #: ``reason`` of a :class:`RoomChange` that takes the room from the user's connections.
 REMOVED, BANNED, DELETED = "removed", "banned", "deleted"
-
-
-@dataclass(frozen=True, slots=True)
-class RoomChange:
-    """What live connections must learn: ``user``'s standing in ``room`` changed.
-
-    ``reason`` ``removed`` / ``banned`` / ``deleted``: each of the user's connections in the room
-    (every connection in it when ``user`` is ``""``) loses it, ``left`` with that reason.
-    ``reason`` ``""``: the standing changed otherwise (mute, unmute, role); connections that keep
-    a copy of it read it again.
-    """
-
-    room: str
-    user: str
-    reason: str = ""
 
 
 Notify = Callable[[RoomChange], Awaitable[None]]

@@ -111,3 +111,27 @@ def test_the_redis_store_is_the_clusters(cli: Cli, tmp_path: Path) -> None:
         assert ok(cli, "members", "team:acme", env=env) == "alice\towner\nbob\tmember\n"
         assert ok(cli, "list") == ""  # the embedded store is another one
         assert ok(cli, "list", env=env).startswith("team:acme\t")
+
+
+async def test_a_ban_from_the_command_line_reaches_every_redis_node(cli: Cli,
+                                                                    tmp_path: Path) -> None:
+    import asyncio
+
+    from chatd.backends.base import RoomChange
+    from chatd.backends.redis import create_redis_backend
+    from tests.backends.conftest import backend_config, eventually
+    from tests.backends.test_rooms_contract import ChangeRecorder
+
+    with RedisServer(tmp_path / "redis") as server:
+        node = create_redis_backend(backend_config(server.url, node_id="a"))
+        seen = ChangeRecorder("a")
+        await node.broker.start(seen)
+        try:
+            await eventually(node.broker.healthy)
+            env = {"CHATD_REDIS_URL": server.url}
+            await asyncio.to_thread(ok, cli, "create", "team:acme", env=env)
+            await asyncio.to_thread(ok, cli, "ban", "team:acme", "eve", env=env)
+            await seen.wait_for(lambda r: r.changes)  # type: ignore[attr-defined]
+            assert seen.changes == [RoomChange("team:acme", "eve", "banned")]
+        finally:
+            await node.broker.close()

@@ -19,6 +19,8 @@ from chatd.backends.base import (
     CloseMatching,
     FeedHandler,
     Presence,
+    RoomChange,
+    RoomChangeHandler,
     RoomStore,
     State,
     StoredMessage,
@@ -124,6 +126,10 @@ class MemoryBroker(Broker):
     async def publish_control(self, event: CloseMatching) -> None:
         if self._handler is not None:
             self._handler.control(event)
+
+    async def publish_room_change(self, change: RoomChange) -> None:
+        if isinstance(self._handler, RoomChangeHandler):
+            self._handler.room_change(change)
 
     def _items(self, stream: str) -> deque[_Entry]:
         s = self._streams.get(stream)

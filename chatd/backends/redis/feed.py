@@ -31,7 +31,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from chatd.backends.base import CloseMatching, FeedHandler
+from chatd.backends.base import CloseMatching, FeedHandler, RoomChange, RoomChangeHandler
 from chatd.backends.redis.client import Keys, stop, unavailable
 from chatd.errors import BackendUnavailable
 
@@ -263,7 +263,7 @@ class RedisFeed:
 
     async def _resubscribe(self, conn: Any, read: asyncio.Task[None]) -> None:
         """Subscribe the control and probe channels and every referenced one, in batches."""
-        base = {self._keys.control, self._probe_channel}
+        base = {self._keys.control, self._keys.room_control, self._probe_channel}
         channels = [*base, *self._subs]
         loop = asyncio.get_running_loop()
         for i in range(0, len(channels), RESUBSCRIBE_BATCH):
@@ -386,6 +386,8 @@ class RedisFeed:
                 probes.popleft()
         elif channel == self._keys.control and handler is not None:
             handler.control(_decode_control(data))
+        elif channel == self._keys.room_control and isinstance(handler, RoomChangeHandler):
+            handler.room_change(_decode_room_change(data))
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -429,6 +431,12 @@ def _decode_control(data: bytes) -> CloseMatching:
     # Unknown fields are dropped so that nodes of different versions can share a cluster.
     obj = orjson.loads(data)
     return CloseMatching(**{k: v for k, v in obj.items() if k in _CONTROL_FIELDS})
+
+
+def _decode_room_change(data: bytes) -> RoomChange:
+    obj = orjson.loads(data)
+    return RoomChange(room=str(obj["room"]), user=str(obj["user"]),
+                      reason=str(obj.get("reason", "")))
 
 
 def _ignore_result(task: asyncio.Task[None]) -> None:
