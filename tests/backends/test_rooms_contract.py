@@ -391,3 +391,21 @@ async def test_a_handler_without_room_changes_is_left_alone(redis_server: RedisS
     finally:
         await a.broker.close()
         await b.broker.close()
+
+
+async def test_garbage_on_the_room_change_channel_is_dropped_and_the_feed_lives_on(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    taker = ChangeRecorder("taker")
+    node = await _started("redis", tmp_path, redis_server, 0, taker)
+    raw = create_client(redis_server.url, 2.0)
+    try:
+        for junk in (b"not json", b"[1,2]", b'{"room":1,"user":"x"}', b'{"user":"x"}'):
+            await raw.publish(b"chatd:ctl:rooms", junk)
+        change = RoomChange("lobby", "bob", "removed")
+        await node.broker.publish_room_change(change)
+        await taker.wait_for(lambda r: r.changes)  # type: ignore[attr-defined]
+        assert taker.changes == [change]
+        assert node.broker.healthy() and taker.of("lost") == []
+    finally:
+        await raw.aclose()
+        await node.broker.close()

@@ -387,7 +387,9 @@ class RedisFeed:
         elif channel == self._keys.control and handler is not None:
             handler.control(_decode_control(data))
         elif channel == self._keys.room_control and isinstance(handler, RoomChangeHandler):
-            handler.room_change(_decode_room_change(data))
+            change = _decode_room_change(data)
+            if change is not None:
+                handler.room_change(change)
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -433,10 +435,17 @@ def _decode_control(data: bytes) -> CloseMatching:
     return CloseMatching(**{k: v for k, v in obj.items() if k in _CONTROL_FIELDS})
 
 
-def _decode_room_change(data: bytes) -> RoomChange:
-    obj = orjson.loads(data)
-    return RoomChange(room=str(obj["room"]), user=str(obj["user"]),
-                      reason=str(obj.get("reason", "")))
+def _decode_room_change(data: bytes) -> RoomChange | None:
+    """A room change, or None (logged) for a payload no chatd node published."""
+    try:
+        obj = orjson.loads(data)
+        room, user, reason = obj["room"], obj["user"], obj.get("reason", "")
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        obj = None
+    if obj is None or not all(isinstance(v, str) for v in (room, user, reason)):
+        log.warning("ignored a malformed room change on the control channel")
+        return None
+    return RoomChange(room=room, user=user, reason=reason)
 
 
 def _ignore_result(task: asyncio.Task[None]) -> None:
