@@ -11,6 +11,7 @@ connections:
     chatd room members team:acme
     chatd room ban team:acme mallory --duration 1d
     chatd room list
+    chatd room token support:42 alice --ttl 10m     (a room token to send as grant on join)
 
 Exit codes as every subcommand: 0 done, 1 the backend failed, 2 bad usage or a refusal (one
 line on stderr: ``chatd room create: conflict: team:acme already exists``).
@@ -61,6 +62,12 @@ def add_room_commands(sub: Any, config_arg: Callable[[argparse.ArgumentParser], 
         p.add_argument("room")
         p.add_argument("user")
         config_arg(p)
+    p = room.add_parser("token", help="print a room token (typ room+jwt) granting ROOM to USER")
+    p.add_argument("room")
+    p.add_argument("user")
+    p.add_argument("--ttl", default="15m", help="lifetime: 30s, 15m, 7d or seconds (default 15m)")
+    p.add_argument("--role", choices=ROLES, help="role the token gives in the room")
+    config_arg(p)
     for name, text in (("ban", "refuse USER the room"), ("mute", "refuse USER sending")):
         p = room.add_parser(name, help=text)
         p.add_argument("room")
@@ -89,7 +96,31 @@ def run_room_command(args: argparse.Namespace, load: Callable[[argparse.Namespac
         if not 1 <= seconds <= MAX_DURATION:
             raise UsageError(f"{where}: --duration must be from 1 second to 10 years")
         duration = round(seconds)
+    if args.action == "token":
+        return _token(load(args), args, where)
     return asyncio.run(_run(load(args), args, duration))
+
+
+def _token(config: Config, args: argparse.Namespace, where: str) -> int:
+    """A room token signed with the configured signing key, for an application or a test."""
+    from chatd.auth.keys import KeyRing
+    from chatd.auth.room_tokens import issue_room_token
+    from chatd.auth.tokens import TokenIssuer
+    from chatd.cli import UsageError
+
+    try:
+        ttl = parse_duration(args.ttl, "--ttl")
+    except ConfigError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    if ttl <= 0:
+        raise UsageError(f"{where}: --ttl must be positive")
+    keyring, _ = KeyRing.from_config(config)
+    issuer = TokenIssuer(keyring, issuer=config.auth.issuer, audience=config.auth.audience)
+    try:
+        print(issue_room_token(issuer, args.user, args.room, ttl, role=args.role))
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return 0
 
 
 async def _run(config: Config, args: argparse.Namespace, duration: int | None) -> int:

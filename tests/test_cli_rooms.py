@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,21 @@ async def test_a_ban_from_the_command_line_reaches_every_redis_node(cli: Cli,
             assert seen.changes == [RoomChange("team:acme", "eve", "banned")]
         finally:
             await node.broker.close()
+
+
+def test_a_room_token_from_the_command_line_verifies_for_its_user_and_room(cli: Cli) -> None:
+    import jwt as pyjwt
+
+    from chatd.auth.keys import KeyRing
+    from chatd.auth.room_tokens import verify_room_token
+    from chatd.auth.tokens import TokenVerifier
+    from chatd.config import Config, ServerConfig
+
+    token = ok(cli, "token", "support:42", "alice", "--ttl", "10m", "--role", "moderator").strip()
+    assert pyjwt.get_unverified_header(token)["typ"] == "room+jwt"
+    ring, _ = KeyRing.from_config(Config(server=ServerConfig(state_dir=str(cli.state))))
+    grant = verify_room_token(TokenVerifier(ring, leeway=30), token, user="alice",
+                              room="support:42", clock=time.time)
+    assert grant.room == "support:42" and grant.role == "moderator"
+    assert refused(cli, "token", "support:42", "alice", "--ttl", "0") == \
+        "chatd room token: --ttl must be positive"
