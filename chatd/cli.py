@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from chatd.cli_accounts import add_account_commands
 
     add_account_commands(sub, _config_arg)
+    from chatd.cli_rooms import add_room_commands
+
+    add_room_commands(sub, _config_arg)
     return parser
 
 
@@ -126,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command in COMMANDS:
             return COMMANDS[args.command](args)
+        if args.command == "room":
+            from chatd.cli_rooms import run_room_command
+
+            return run_room_command(args, load_config)
         from chatd.cli_accounts import run_account_command
 
         return run_account_command(args, load_config)

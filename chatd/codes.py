@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     NOT_JOINED = "not_joined"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # the thing already exists (section 9: create)
     RATE_LIMITED = "rate_limited"
     TOO_MANY_ROOMS = "too_many_rooms"
     UNAVAILABLE = "unavailable"

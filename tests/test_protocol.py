@@ -539,7 +539,7 @@ def test_error_frame_without_ref() -> None:
 def test_error_codes_are_the_contract_ones() -> None:
     assert {c.value for c in ErrorCode} == {
         "bad_request", "not_joined", "forbidden", "not_found", "rate_limited", "too_many_rooms",
-        "unavailable", "internal"}
+        "unavailable", "internal", "conflict"}
 
 
 # -- message frames spliced from a template --------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 def room_stream(room: str) -> str:
@@ -56,6 +56,29 @@ class CloseMatching:
     issued_before: float | None = None
     except_sid: str | None = None
     except_conn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomChange:
+    """A control event: ``user``'s standing in ``room`` changed (contract section 9).
+
+    ``reason`` ``removed`` / ``banned`` / ``deleted``: each of the user's local connections in
+    the room (every connection in it when ``user`` is ``""``) loses it (``left`` with that
+    reason) and receives nothing more from it. ``reason`` ``""``: the standing changed otherwise
+    (mute, unmute, role); connections that keep a copy of it read it again.
+    """
+
+    room: str
+    user: str
+    reason: str = ""
+
+
+@runtime_checkable
+class RoomChangeHandler(Protocol):
+    """A :class:`FeedHandler` that also takes room changes (brokers test for it at start)."""
+
+    def room_change(self, change: RoomChange) -> None:
+        """Apply a room change to the local connections; quick, no awaiting."""
 
 
 class FeedHandler(Protocol):
@@ -135,6 +158,13 @@ class Broker(ABC):
     @abstractmethod
     async def publish_control(self, event: CloseMatching) -> None:
         """Deliver a control event to every node (this one included) within a second."""
+
+    @abstractmethod
+    async def publish_room_change(self, change: RoomChange) -> None:
+        """Deliver a room change to every node (this one included) within a second.
+
+        Nodes whose handler is a :class:`RoomChangeHandler` get it; others ignore it.
+        """
 
     @abstractmethod
     async def recent(self, stream: str, limit: int) -> list[StoredMessage]:
@@ -434,8 +464,9 @@ class RoomStore(ABC):
 
 @dataclass(slots=True)
 class Backend:
-    """The three parts of one backend, started and closed together."""
+    """The parts of one backend, started and closed together."""
 
     broker: Broker
     presence: Presence
     state: State
+    rooms: RoomStore

@@ -53,6 +53,8 @@ ROOM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 
 _RANK = {None: 0, MEMBER: 1, MODERATOR: 2, OWNER: 3}
 _ADMIN_RANK = 4
+#: The rank of a moderator: what deleting other people's messages needs.
+MODERATOR_RANK = _RANK[MODERATOR]
 _NAMES = {MEMBER: "a member", MODERATOR: "a moderator", OWNER: "an owner"}
 
 #: Moderation commands checked by :func:`may_moderate`, with the rank each needs.
@@ -293,7 +295,7 @@ def may_delete(policy: RoomNamespace | None, room: str, actor: Actor, standing: 
         return verdict
     if author is None:
         return Refusal(NOT_FOUND, f"no such message in {room}")
-    if author != actor.user and verdict.rank < _RANK[MODERATOR]:
+    if author != actor.user and verdict.rank < MODERATOR_RANK:
         return Refusal(FORBIDDEN, "only the author or a moderator may delete a message")
     return None
 

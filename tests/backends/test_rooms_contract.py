@@ -1,24 +1,37 @@
-"""The RoomStore contract (chatd.backends.base.RoomStore) on ``sqlite`` and ``redis``.
+"""The RoomStore contract (chatd.backends.base.RoomStore) on ``memory``, ``sqlite``, ``redis``.
 
 Each test gets *nodes*: separate store instances on one store (``sqlite``: connections to one
 file, as the server and ``chatd room`` are; ``redis``: separate clients on one real
-redis-server, as separate chatd nodes are). What one node writes, every node reads.
+redis-server, as separate chatd nodes are; ``memory``: one process, so every node is the one
+store). What one node writes, every node reads. Persistence runs on the durable two only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from chatd.backends.base import RoomInfo, RoomMember, RoomStanding, RoomStore
+from chatd.backends.base import (
+    Backend,
+    CloseMatching,
+    RoomChange,
+    RoomInfo,
+    RoomMember,
+    RoomStanding,
+    RoomStore,
+)
+from chatd.backends.memory.rooms import MemoryRooms
 from chatd.backends.redis.client import Keys, create_client
 from chatd.backends.redis.rooms import RedisRooms
 from chatd.backends.sqlite.rooms import SqliteRooms
+from chatd.backends.sqlite.state import SqliteState
 from chatd.errors import BackendUnavailable
+from tests.backends.conftest import Recorder, eventually
 from tests.clock import Clock
 from tests.redis_server import RedisServer
 
@@ -39,6 +52,10 @@ class Nodes:
 
     def node(self) -> RoomStore:
         store: RoomStore
+        if self.kind == "memory":
+            if not self.stores:
+                self.stores.append(MemoryRooms(clock=self.clock))
+            return self.stores[0]
         if self.kind == "sqlite":
             store = SqliteRooms.open(self.tmp_path / "state" / "chatd.sqlite3", clock=self.clock)
         else:
@@ -56,16 +73,27 @@ class Nodes:
             await client.aclose()  # type: ignore[attr-defined]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-async def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Nodes]:
-    server = RedisServer(tmp_path / "redis").start() if request.param == "redis" else None
-    n = Nodes(request.param, tmp_path, Clock(T0), server)
+async def _nodes(kind: str, tmp_path: Path) -> AsyncIterator[Nodes]:
+    server = RedisServer(tmp_path / "redis").start() if kind == "redis" else None
+    n = Nodes(kind, tmp_path, Clock(T0), server)
     try:
         yield n
     finally:
         await n.close()
         if server is not None:
             server.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Nodes]:
+    async for n in _nodes(request.param, tmp_path):
+        yield n
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def durable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Nodes]:
+    async for n in _nodes(request.param, tmp_path):
+        yield n
 
 
 # -- rooms --------------------------------------------------------------------------------------
@@ -224,7 +252,8 @@ async def test_an_unknown_restriction_kind_is_a_bug(nodes: Nodes) -> None:
 # -- persistence --------------------------------------------------------------------------------
 
 
-async def test_rooms_survive_a_restart_of_the_node(nodes: Nodes) -> None:
+async def test_rooms_survive_a_restart_of_the_node(durable: Nodes) -> None:
+    nodes = durable
     a = nodes.node()
     await a.create("team:acme", "alice")
     await a.set_role("team:acme", "bob", "moderator")
@@ -250,3 +279,133 @@ async def test_an_unreachable_store_answers_unavailable(tmp_path: Path) -> None:
             await store.create("team:x", "bob")
     finally:
         await client.aclose()
+
+
+# -- the backends' factories --------------------------------------------------------------------
+
+
+async def test_the_embedded_backend_keeps_rooms_in_the_accounts_file(tmp_path: Path) -> None:
+    from chatd.backends.memory import create_memory_backend
+    from tests.backends.conftest import backend_config
+
+    path = tmp_path / "state" / "chatd.sqlite3"
+    state = SqliteState.open(path)
+    first = create_memory_backend(backend_config(), state)
+    await first.rooms.create("team:acme", "alice")
+    first.rooms.close()
+    state.close()
+    state = SqliteState.open(path)
+    again = create_memory_backend(backend_config(), state)  # a restarted node
+    try:
+        assert (await again.rooms.standing("team:acme", "alice")).role == "owner"
+    finally:
+        again.rooms.close()
+        state.close()
+
+
+async def test_redis_backends_share_their_rooms(redis_server: RedisServer) -> None:
+    from chatd.backends.redis import create_redis_backend
+    from tests.backends.conftest import backend_config
+
+    a = create_redis_backend(backend_config(redis_server.url, node_id="a"))
+    b = create_redis_backend(backend_config(redis_server.url, node_id="b"))
+    try:
+        await a.rooms.create("team:acme", "alice")
+        await a.rooms.restrict("team:acme", "eve", "ban", math.inf)
+        assert await b.rooms.standing("team:acme", "eve") == RoomStanding(
+            exists=True, banned_until=math.inf)
+    finally:
+        await a.broker.close()
+        await b.broker.close()
+
+
+# -- room changes reach every node --------------------------------------------------------------
+
+
+class ChangeRecorder(Recorder):
+    """A FeedHandler that also takes room changes."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+        self.changes: list[RoomChange] = []
+
+    def room_change(self, change: RoomChange) -> None:
+        self.changes.append(change)
+        self._changed.set()
+
+
+async def _started(kind: str, tmp_path: Path, server: RedisServer | None, n: int,
+                   handler: Recorder) -> Backend:
+    from chatd.backends.memory import create_memory_backend
+    from chatd.backends.redis import create_redis_backend
+    from tests.backends.conftest import backend_config
+
+    if kind == "redis":
+        assert server is not None
+        backend = create_redis_backend(backend_config(server.url, node_id=f"n{n}"), linger=0.05)
+    else:
+        backend = create_memory_backend(backend_config(), SqliteState.open(
+            tmp_path / f"s{n}" / "chatd.sqlite3"))
+    await backend.broker.start(handler)
+    if kind == "redis":
+        await eventually(backend.broker.healthy)
+    return backend
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_room_change_reaches_every_node_within_a_second(kind: str,
+                                                                tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start() if kind == "redis" else None
+    count = 2 if kind == "redis" else 1
+    handlers = [ChangeRecorder(f"n{i}") for i in range(count)]
+    backends = [await _started(kind, tmp_path, server, i, h) for i, h in enumerate(handlers)]
+    try:
+        change = RoomChange("team:acme", "bob", "banned")
+        t0 = time.monotonic()
+        await backends[0].broker.publish_room_change(change)
+        for h in handlers:
+            await h.wait_for(lambda r: change in r.changes, timeout=1.0)  # type: ignore[attr-defined]
+        assert time.monotonic() - t0 < 1.0
+        assert all(h.changes == [change] for h in handlers)
+        assert all(h.of("control") == [] for h in handlers)  # not a close event
+    finally:
+        for b in backends:
+            await b.broker.close()
+            b.state.close()
+            b.rooms.close()
+        if server is not None:
+            server.close()
+
+
+async def test_a_handler_without_room_changes_is_left_alone(redis_server: RedisServer,
+                                                             tmp_path: Path) -> None:
+    plain, taker = Recorder(name="plain"), ChangeRecorder("taker")
+    a = await _started("redis", tmp_path, redis_server, 0, plain)
+    b = await _started("redis", tmp_path, redis_server, 1, taker)
+    try:
+        await a.broker.publish_room_change(RoomChange("lobby", "", "deleted"))
+        await taker.wait_for(lambda r: r.changes)  # type: ignore[attr-defined]
+        await a.broker.publish_control(CloseMatching(4410, "kicked", user="zed"))
+        await plain.wait_for(lambda r: r.of("control"))
+        assert a.broker.healthy() and plain.of("lost") == []
+    finally:
+        await a.broker.close()
+        await b.broker.close()
+
+
+async def test_garbage_on_the_room_change_channel_is_dropped_and_the_feed_lives_on(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    taker = ChangeRecorder("taker")
+    node = await _started("redis", tmp_path, redis_server, 0, taker)
+    raw = create_client(redis_server.url, 2.0)
+    try:
+        for junk in (b"not json", b"[1,2]", b'{"room":1,"user":"x"}', b'{"user":"x"}'):
+            await raw.publish(b"chatd:ctl:rooms", junk)
+        change = RoomChange("lobby", "bob", "removed")
+        await node.broker.publish_room_change(change)
+        await taker.wait_for(lambda r: r.changes)  # type: ignore[attr-defined]
+        assert taker.changes == [change]
+        assert node.broker.healthy() and taker.of("lost") == []
+    finally:
+        await raw.aclose()
+        await node.broker.close()

@@ -19,11 +19,16 @@ from chatd.backends.base import (
     CloseMatching,
     FeedHandler,
     Presence,
+    RoomChange,
+    RoomChangeHandler,
+    RoomStore,
     State,
     StoredMessage,
     dm_stream,
     room_stream,
 )
+from chatd.backends.memory.rooms import MemoryRooms
+from chatd.backends.sqlite.rooms import SqliteRooms
 from chatd.config import Config
 from chatd.ids import IdClock, id_key
 
@@ -122,6 +127,10 @@ class MemoryBroker(Broker):
         if self._handler is not None:
             self._handler.control(event)
 
+    async def publish_room_change(self, change: RoomChange) -> None:
+        if isinstance(self._handler, RoomChangeHandler):
+            self._handler.room_change(change)
+
     def _items(self, stream: str) -> deque[_Entry]:
         s = self._streams.get(stream)
         return s.items if s is not None else deque()
@@ -186,8 +195,16 @@ class MemoryPresence(Presence):
 
 
 def create_memory_backend(config: Config, state: State,
-                          clock: Callable[[], float] = time.time) -> Backend:
-    """The embedded default: in-process broker and presence, ``state`` for accounts."""
+                          clock: Callable[[], float] = time.time,
+                          rooms: RoomStore | None = None) -> Backend:
+    """The embedded default: in-process broker and presence, ``state`` for accounts.
+
+    Rooms go in ``rooms``, else in the same SQLite file as ``state`` when it has one (so they
+    survive restarts), else in memory.
+    """
     broker = MemoryBroker(max_per_stream=config.history.max_per_room,
                           ttl=config.history.ttl, clock=clock)
-    return Backend(broker=broker, presence=MemoryPresence(broker), state=state)
+    if rooms is None:
+        path = getattr(state, "path", "")
+        rooms = SqliteRooms.open(path, clock=clock) if path else MemoryRooms(clock=clock)
+    return Backend(broker=broker, presence=MemoryPresence(broker), state=state, rooms=rooms)

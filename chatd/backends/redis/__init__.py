@@ -7,7 +7,8 @@ The parts live in this package's modules (each under ~500 lines):
 - :mod:`chatd.backends.redis.broker`: publishing and history (streams, Lua);
 - :mod:`chatd.backends.redis.feed`: the node's pub/sub connection, subscriptions, liveness;
 - :mod:`chatd.backends.redis.presence`: presence with a heartbeat TTL;
-- :mod:`chatd.backends.redis.state`: accounts, sessions, revocations.
+- :mod:`chatd.backends.redis.state`: accounts, sessions, revocations;
+- :mod:`chatd.backends.redis.rooms`: created rooms, member lists, bans and mutes.
 
 Use::
 
@@ -40,10 +41,11 @@ from chatd.backends.redis.broker import RedisBroker
 from chatd.backends.redis.client import Keys, create_client, create_pubsub_pool
 from chatd.backends.redis.feed import LINGER
 from chatd.backends.redis.presence import RedisPresence
+from chatd.backends.redis.rooms import RedisRooms
 from chatd.backends.redis.state import RedisState
 from chatd.config import Config
 
-__all__ = ["RedisBroker", "RedisPresence", "RedisState", "create_redis_backend"]
+__all__ = ["RedisBroker", "RedisPresence", "RedisRooms", "RedisState", "create_redis_backend"]
 
 
 def create_redis_backend(config: Config, *, clock: Callable[[], float] = time.time,
@@ -70,4 +72,5 @@ def create_redis_backend(config: Config, *, clock: Callable[[], float] = time.ti
                              command_timeout=r.command_timeout)
     broker.companions.append(presence)
     state = RedisState(client, keys, command_timeout=r.command_timeout, clock=clock)
-    return Backend(broker=broker, presence=presence, state=state)
+    rooms = RedisRooms(client, keys, command_timeout=r.command_timeout, clock=clock)
+    return Backend(broker=broker, presence=presence, state=state, rooms=rooms)

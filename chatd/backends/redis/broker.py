@@ -33,6 +33,7 @@ from chatd.backends.base import (
     Broker,
     CloseMatching,
     FeedHandler,
+    RoomChange,
     StoredMessage,
     dm_stream,
     room_stream,
@@ -181,6 +182,12 @@ class RedisBroker(Broker):
         with unavailable("publish"):
             async with asyncio.timeout(self._timeout):
                 await self._client.publish(self._keys.control, data)
+
+    async def publish_room_change(self, change: RoomChange) -> None:
+        data = orjson.dumps(dataclasses.asdict(change))
+        with unavailable("publish"):
+            async with asyncio.timeout(self._timeout):
+                await self._client.publish(self._keys.room_control, data)
 
     # -- history -----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ pub/sub can keep each room on one shard:
 ``P{r:ROOM}:pz`` / ``:pn``   presence: zset ``user|instance`` -> expiry ms; hash user -> entries
 ``P{u:USER}:c``              channel: direct messages of USER
 ``Pctl``                     channel: control events, every node subscribes
+``Pctl:rooms``               channel: room changes (:class:`~chatd.backends.base.RoomChange`)
 ``Pprobe:INSTANCE``          channel: a node's own liveness probe
 ``Puser:NAME`` ...           account state, see :mod:`chatd.backends.redis.state`
 ===========================  ===================================================================
@@ -51,6 +52,7 @@ class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.control = f"{prefix}ctl".encode()
+        self.room_control = f"{prefix}ctl:rooms".encode()
 
     def stream(self, stream: str) -> str:
         """History of a stream named by :func:`~chatd.backends.base.room_stream` / ``dm_stream``."""

@@ -31,7 +31,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from chatd.backends.base import CloseMatching, FeedHandler
+from chatd.backends.base import CloseMatching, FeedHandler, RoomChange, RoomChangeHandler
 from chatd.backends.redis.client import Keys, stop, unavailable
 from chatd.errors import BackendUnavailable
 
@@ -263,7 +263,7 @@ class RedisFeed:
 
     async def _resubscribe(self, conn: Any, read: asyncio.Task[None]) -> None:
         """Subscribe the control and probe channels and every referenced one, in batches."""
-        base = {self._keys.control, self._probe_channel}
+        base = {self._keys.control, self._keys.room_control, self._probe_channel}
         channels = [*base, *self._subs]
         loop = asyncio.get_running_loop()
         for i in range(0, len(channels), RESUBSCRIBE_BATCH):
@@ -386,6 +386,10 @@ class RedisFeed:
                 probes.popleft()
         elif channel == self._keys.control and handler is not None:
             handler.control(_decode_control(data))
+        elif channel == self._keys.room_control and isinstance(handler, RoomChangeHandler):
+            change = _decode_room_change(data)
+            if change is not None:
+                handler.room_change(change)
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -429,6 +433,19 @@ def _decode_control(data: bytes) -> CloseMatching:
     # Unknown fields are dropped so that nodes of different versions can share a cluster.
     obj = orjson.loads(data)
     return CloseMatching(**{k: v for k, v in obj.items() if k in _CONTROL_FIELDS})
+
+
+def _decode_room_change(data: bytes) -> RoomChange | None:
+    """A room change, or None (logged) for a payload no chatd node published."""
+    try:
+        obj = orjson.loads(data)
+        room, user, reason = obj["room"], obj["user"], obj.get("reason", "")
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        obj = None
+    if obj is None or not all(isinstance(v, str) for v in (room, user, reason)):
+        log.warning("ignored a malformed room change on the control channel")
+        return None
+    return RoomChange(room=room, user=user, reason=reason)
 
 
 def _ignore_result(task: asyncio.Task[None]) -> None:
