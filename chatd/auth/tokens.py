@@ -313,10 +313,9 @@ class TokenIssuer:
         if signer is None or signer.sign_key is None:
             raise InvalidInput("no signing key configured")
         # Whole seconds, rounded down (RFC 7519 NumericDate; strict libraries refuse
-        # fractions); exp rounds up so a token lives at least ``ttl``.
-        now = self._clock()
-        iat = math.floor(now)
-        exp = math.ceil(now + float(ttl))
+        # fractions); ``exp - iat`` is ``ttl`` rounded up.
+        iat = math.floor(self._clock())
+        exp = iat + math.ceil(float(ttl))
         claims = Claims(
             sub=sub,
             jti=jti or secrets.token_urlsafe(16),

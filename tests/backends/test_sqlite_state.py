@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from chatd.backends.sqlite import state as sqlite_state
 from chatd.backends.base import (
     RefreshUpdate,
     RotateOutcome,
@@ -18,6 +17,7 @@ from chatd.backends.base import (
     TokenVerdict,
     UserRecord,
 )
+from chatd.backends.sqlite import state as sqlite_state
 from chatd.backends.sqlite.state import SqliteState
 from chatd.errors import BackendUnavailable, ConfigError
 
@@ -250,8 +250,10 @@ async def test_the_grace_window_rotates_the_previous_token_again_without_stretch
         is RotateOutcome.REUSED
     )
     # h1 reached a second tab (or nobody): it keeps working, like h2.
-    assert await state.rotate_refresh("s_1", "h1", update("h3", T0 + 14), 5) is RotateOutcome.ROTATED
-    assert await state.rotate_refresh("s_1", "h2", update("h4", T0 + 15), 5) is RotateOutcome.ROTATED
+    rotated = RotateOutcome.ROTATED
+    rotated = RotateOutcome.ROTATED
+    assert await state.rotate_refresh("s_1", "h1", update("h3", T0 + 14), 5) is rotated
+    assert await state.rotate_refresh("s_1", "h2", update("h4", T0 + 15), 5) is rotated
 
 
 # --- revocation ---------------------------------------------------------------------------------
