@@ -13,6 +13,7 @@ from chatd import protocol
 from chatd.backends.base import dm_stream, room_stream
 from chatd.codes import CloseCode, ErrorCode
 from chatd.errors import CloseConnection, CommandError
+from chatd.room_handlers import check_seat, room_command, seat_for_join
 
 if TYPE_CHECKING:
     from chatd.connection import Connection
@@ -24,6 +25,7 @@ async def join(node: Node, conn: Connection, cmd: protocol.Command) -> None:
     b = node.backend
     fresh = room not in conn.session.rooms
     if fresh:
+        seat = await seat_for_join(node, conn, room, cmd.args["grant"], cmd.ref)
         # Pending first: frames published from now on are buffered, then filtered against the
         # history we read, so nothing is lost or repeated between history and live traffic.
         node.hub.join(room, conn)
@@ -38,7 +40,7 @@ async def join(node: Node, conn: Connection, cmd: protocol.Command) -> None:
             node.hub.leave(room, conn)
             b.broker.release_room(room)
             raise
-        conn.session.joined(room)
+        conn.session.joined(room, seat)
     try:
         recovered: bool | None = None
         if since is not None:
@@ -69,6 +71,7 @@ async def send(node: Node, conn: Connection, cmd: protocol.Command) -> None:
     text: str = cmd.args["text"]
     broker = node.backend.broker
     if "room" in cmd.args:
+        check_seat(node, conn, "send", cmd.args["room"], cmd.ref)
         msg = await broker.publish_room(cmd.args["room"], conn.user, text)
     else:
         to: str = cmd.args["to"]
@@ -81,6 +84,7 @@ async def send(node: Node, conn: Connection, cmd: protocol.Command) -> None:
 
 async def history(node: Node, conn: Connection, cmd: protocol.Command) -> None:
     if "room" in cmd.args:
+        check_seat(node, conn, "history", cmd.args["room"], cmd.ref)
         target = {"room": cmd.args["room"]}
         stream = room_stream(cmd.args["room"])
     else:
@@ -93,6 +97,7 @@ async def history(node: Node, conn: Connection, cmd: protocol.Command) -> None:
 
 async def who(node: Node, conn: Connection, cmd: protocol.Command) -> None:
     room: str = cmd.args["room"]
+    check_seat(node, conn, "who", room, cmd.ref)
     members = await node.backend.presence.members(room)
     conn.send(protocol.who(room, members, cmd.ref))
 
@@ -143,6 +148,8 @@ async def admin(node: Node, conn: Connection, cmd: protocol.Command) -> None:
 HANDLERS = {
     "join": join, "leave": leave, "send": send, "history": history, "who": who, "ping": ping,
     "auth": auth, "refresh": refresh, "logout": logout, "admin": admin,
+    **{kind: room_command for kind in ("create", "add_member", "remove_member", "members", "ban",
+                                       "unban", "mute", "unmute")},
 }
 
 __all__ = ["HANDLERS"]

@@ -95,6 +95,10 @@ class Hub:
                 if not members:
                     del table[room]
 
+    def room_members(self, room: str) -> list[Member]:
+        """The local connections in ``room``, live and pending (a snapshot)."""
+        return [*self._rooms.get(room, ()), *self._pending.get(room, ())]
+
     def members(self, room: str) -> int:
         return len(self._rooms.get(room, ())) + len(self._pending.get(room, ()))
 

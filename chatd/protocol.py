@@ -16,6 +16,7 @@ import orjson
 
 from chatd import PROTOCOL_VERSION
 from chatd.codes import ErrorCode
+from chatd.core.room_commands import ROOM_COMMANDS, RoomCommand, parse_grant, parse_room_command
 from chatd.errors import CommandError
 
 ROOM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
@@ -41,6 +42,8 @@ class Command:
     type: str
     ref: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    #: The parsed section-9 command (``create``, ``ban``, ...), for those types.
+    room_command: RoomCommand | None = None
 
 
 def bad(message: str) -> CommandError:
@@ -123,7 +126,8 @@ def parse(obj: Mapping[str, Any], *, max_text_chars: int) -> Command:
         raise bad("field 'ref' must be a string of 1-64 characters")
     args: dict[str, Any]
     if kind == "join":
-        args = {"room": _name(obj, "room", ROOM_RE, "room"), "since": _msg_id(obj, "since")}
+        args = {"room": _name(obj, "room", ROOM_RE, "room"), "since": _msg_id(obj, "since"),
+                "grant": parse_grant(obj)}
     elif kind in ("leave", "who"):
         args = {"room": _name(obj, "room", ROOM_RE, "room")}
     elif kind == "send":
@@ -173,6 +177,9 @@ def parse(obj: Mapping[str, Any], *, max_text_chars: int) -> Command:
             if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
                 raise bad("field 'exp' must be a number (unix seconds)")
             args["exp"] = exp
+    elif kind in ROOM_COMMANDS and kind != "delete":
+        room_command = parse_room_command(obj)
+        return Command(kind, ref, {"room": room_command.room}, room_command)
     else:
         raise bad(f"unknown type {kind!r}" if len(kind) <= 32 else "unknown type")
     return Command(kind, ref, args)

@@ -1,9 +1,9 @@
 """The thin asyncio shell: one chatd node.
 
 It wires the sans-I/O core (protocol, session, hub, auth) to ``websockets`` and a backend:
-HTTP endpoints and handshake checks (:mod:`chatd.handshake`), the connection lifecycle (authenticate,
-command loop, clean-up), the backend feed (:class:`~chatd.backends.base.FeedHandler`), and
-start / reload / drain.
+HTTP endpoints and handshake checks (:mod:`chatd.handshake`), the connection lifecycle
+(authenticate, command loop, clean-up), the backend feed
+(:class:`~chatd.backends.base.FeedHandler`, room changes), and start / reload / drain.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -26,15 +26,18 @@ from chatd import handshake, protocol
 from chatd.auth.accounts import Accounts
 from chatd.auth.keys import KeyRing
 from chatd.auth.tokens import Claims, TokenIssuer, TokenVerifier
-from chatd.backends.base import Backend, CloseMatching
+from chatd.backends.base import Backend, CloseMatching, RoomChange
 from chatd.codes import CloseCode, ErrorCode
 from chatd.commands import HANDLERS
 from chatd.config import Config
 from chatd.connection import Connection, text_frame
+from chatd.core.rooms import Policies
 from chatd.errors import AuthError, ChatdError, CloseConnection, CommandError
 from chatd.hub import Hub
 from chatd.metrics import Metrics
 from chatd.ratelimit import KeyedTokenBuckets
+from chatd.room_handlers import apply_room_change
+from chatd.room_service import RoomService
 from chatd.session import Session
 
 log = logging.getLogger("chatd")
@@ -60,6 +63,10 @@ class Node:
         self.hub = Hub(text_frame)
         self.set_keys(keyring)
         self.accounts = Accounts.for_node(self)
+        self.rooms = RoomService(backend.rooms, Policies(config.rooms.namespaces),
+                                 notify=backend.broker.publish_room_change, clock=clock)
+        #: Background work started from sync callbacks (room changes), kept until done.
+        self.tasks: set[asyncio.Task[None]] = set()
         self.server: Server | None = None
         self.draining = False
         self.connections: set[Connection] = set()
@@ -85,6 +92,7 @@ class Node:
         """Take a reloaded config: keys, origins, limits, log level. Connections stay open."""
         self.config = config
         self.set_keys(keyring)
+        self.rooms.policies = Policies(config.rooms.namespaces)  # for joins from now on
         for conn in self.connections:
             conn.max_outbound = config.limits.max_outbound_bytes
             conn.session.limits = config.limits
@@ -319,6 +327,10 @@ class Node:
         """Undo a join: local registry, subscription reference, presence (never raises)."""
         self.hub.leave(room, conn)
         conn.session.left(room)
+        await self.release_room(conn, room)
+
+    async def release_room(self, conn: Connection, room: str) -> None:
+        """The backend half of leaving, once ``conn`` is out of the hub and its session."""
         self.backend.broker.release_room(room)
         with contextlib.suppress(ChatdError):
             await self.backend.presence.leave(room, conn.user)
@@ -383,6 +395,14 @@ class Node:
         n = self.hub.deliver_user(user, frame, exclude=origin)
         if n:
             self.metrics.deliveries.inc(n)
+
+    def room_change(self, change: RoomChange) -> None:
+        apply_room_change(self, change)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def control(self, event: CloseMatching) -> None:
         for conn in list(self.hub.matching(event)):

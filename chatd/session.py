@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 from chatd import protocol
 from chatd.codes import CloseCode, ErrorCode
 from chatd.config import LimitsConfig
+from chatd.core.room_seats import Seat
+from chatd.core.rooms import Actor
 from chatd.errors import CloseConnection, CommandError
 
 if TYPE_CHECKING:
@@ -69,6 +71,8 @@ class Session:
         self.phase = Phase.AWAITING_AUTH
         self.claims: Claims | None = None
         self.rooms: set[str] = set()
+        #: What ``join`` decided for each joined room (role, mute, grant): section 9.
+        self.seats: dict[str, Seat] = {}
         self.bad_frames = 0
         self.rate_limited = 0
         self.bucket = TokenBucket(limits.rate, limits.burst, clock())
@@ -77,6 +81,12 @@ class Session:
     def user(self) -> str:
         assert self.claims is not None
         return self.claims.sub
+
+    @property
+    def actor(self) -> Actor:
+        """Who runs room commands: the user, the admin role and the ``rooms`` claim."""
+        assert self.claims is not None
+        return Actor(self.claims.sub, self.claims.is_admin, self.claims.rooms)
 
     def receive(self, data: str | bytes) -> protocol.Command:
         """Check one incoming frame and return the command to carry out."""
@@ -154,11 +164,14 @@ class Session:
             raise CommandError(ErrorCode.FORBIDDEN, "the new token is for another user")
         self.claims = claims
 
-    def joined(self, room: str) -> None:
+    def joined(self, room: str, seat: Seat | None = None) -> None:
         self.rooms.add(room)
+        if seat is not None:
+            self.seats[room] = seat
 
     def left(self, room: str) -> None:
         self.rooms.discard(room)
+        self.seats.pop(room, None)
 
     def closed(self) -> None:
         self.phase = Phase.CLOSED

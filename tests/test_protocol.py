@@ -159,7 +159,8 @@ def test_a_colon_is_allowed_in_room_names_but_not_in_user_names() -> None:
 def test_join_without_since_has_since_none() -> None:
     command = parse({"type": "join", "room": "general", "ref": "j1"})
     assert (command.type, command.ref, command.args) == ("join", "j1",
-                                                         {"room": "general", "since": None})
+                                                         {"room": "general", "since": None,
+                                                          "grant": None})
 
 
 @pytest.mark.parametrize("msg_id", ["1767225600123-0", "0-0", "1-42", "999999999999999-7"])

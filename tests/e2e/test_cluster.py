@@ -264,3 +264,25 @@ async def test_a_drained_node_removes_its_presence_at_once(redis: RedisServer,
     finally:
         a.kill()
         b.kill()
+
+
+async def test_a_ban_on_one_node_takes_the_room_from_the_users_sockets_on_another(
+        cluster: Cluster) -> None:
+    a, b = cluster(2)
+    admin = await Client.open(f"{a.url}?token={issue('root', role='admin')}")
+    await admin.expect("welcome")
+    bob_b, bob_a = await login(b, "bob"), await login(a, "bob")
+    for cl in (admin, bob_b, bob_a):
+        await cl.request("join", "joined", room="general")
+    start = asyncio.get_running_loop().time()
+    await admin.request("ban", "ack", room="general", user="bob", duration=600)
+    for cl in (bob_b, bob_a):
+        assert (await cl.expect("left", room="general", timeout=1.0))["reason"] == "banned"
+    assert asyncio.get_running_loop().time() - start < 1.0
+    await admin.request("send", "ack", room="general", text="not for bob")
+    await admin.expect("message", text="not for bob")
+    for cl in (bob_b, bob_a):
+        await cl.request("ping", "pong")
+        assert not cl.seen("message")
+    refused = await bob_b.request("join", "joined", room="general")
+    assert (refused["code"], refused["message"].startswith("banned")) == ("forbidden", True)
