@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import math
 import os
@@ -337,7 +338,8 @@ def load(
         config = dataclasses.replace(
             config,
             server=dataclasses.replace(
-                config.server, node_id=f"{socket.gethostname()}-{config.server.port}"
+                config.server,
+                node_id=default_node_id(config.server.port, config.server.state_dir),
             ),
         )
     validate(config)
@@ -353,6 +355,41 @@ def _at_least(key: str, value: float, minimum: float) -> None:
         raise ConfigError(key, f"must be >= {minimum:g}, got {value:g}")
 
 
+_ORIGIN_RE = re.compile(r"\A(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?\Z")
+
+
+def origin_problem(origin: str) -> str | None:
+    """Why an ``allowed_origins`` entry can never equal a browser's ``Origin``, or None.
+
+    Browsers send the serialised origin (RFC 6454 section 6.1): scheme and host in lower case,
+    no default port, no path, no wildcard; the comparison is exact, so anything else is dead.
+    """
+    if origin == "*":
+        return None
+    if origin != origin.strip() or any(ch.isspace() for ch in origin):
+        return "must not contain whitespace or line breaks"
+    if origin != origin.lower():
+        return "must be lower case (browsers send the origin in lower case)"
+    if "*" in origin:
+        return "wildcards are not supported (only * alone): list each origin"
+    m = _ORIGIN_RE.match(origin)
+    if m is None:
+        return "must be an origin like https://chat.example.com (scheme and host, no path)"
+    scheme, port = m.group(1), m.group(3)
+    if port is not None and (scheme, int(port)) in (("https", 443), ("http", 80)):
+        return f"must not name the default port :{port} (browsers omit it)"
+    if port is not None and not 0 < int(port) <= 65535:
+        return "port must be 1-65535"
+    return None
+
+
+def default_node_id(port: int, state_dir: str) -> str:
+    """A stable node id that does not reveal the host name (it is sent in every ``welcome``):
+    ``node-`` and 12 hex digits of a SHA-256 of host name, port and state directory."""
+    seed = f"{socket.gethostname()}\0{port}\0{state_dir}".encode()
+    return "node-" + hashlib.sha256(seed).hexdigest()[:12]
+
+
 def validate(c: Config) -> None:
     """Cross-field and range checks; each failure names its key."""
     s, a, lim = c.server, c.auth, c.limits
@@ -361,11 +398,9 @@ def validate(c: Config) -> None:
     if not s.path.startswith("/"):
         raise ConfigError("server.path", "must start with /")
     for i, origin in enumerate(s.allowed_origins):
-        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
-            raise ConfigError(
-                f"server.allowed_origins[{i}]",
-                f"must be an origin like https://chat.example.com (or *), got {origin!r}",
-            )
+        problem = origin_problem(origin)
+        if problem is not None:
+            raise ConfigError(f"server.allowed_origins[{i}]", f"{problem}, got {origin!r}")
     for key, value, minimum in (
         ("limits.max_connections", lim.max_connections, 1),
         ("server.max_unauthenticated", s.max_unauthenticated, 1),

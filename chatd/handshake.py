@@ -238,7 +238,7 @@ async def process_request(node: Node, ws: ServerConnection, request: Request) ->
     token = handshake_token(request, query)
     if token is None:
         if sum(node.unauthenticated.values()) >= s.max_unauthenticated or \
-                node.unauthenticated[addr] >= s.max_unauthenticated_per_address:
+                node.unauthenticated[address_key(addr)] >= s.max_unauthenticated_per_address:
             return json_error(503, "unavailable", "too many unauthenticated connections",
                               {"Retry-After": "5"})
         return None

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from chatd import handshake, protocol
 from chatd.auth.accounts import Accounts
 from chatd.auth.keys import KeyRing
+from chatd.auth.throttle import address_key
 from chatd.auth.tokens import Claims, TokenIssuer, TokenVerifier
 from chatd.backends.base import Backend, CloseMatching, RoomChange
 from chatd.codes import CloseCode, ErrorCode
@@ -225,11 +226,13 @@ class Node:
             if claims is not None:
                 await self.authenticated(conn, claims, None)
             else:
-                self.unauthenticated[addr] += 1
+                # Counted per /64 for IPv6, like the accept rate (one subscriber's block).
+                block = address_key(addr)
+                self.unauthenticated[block] += 1
                 try:
                     claims, extra = await self.first_frame(conn)
                 finally:
-                    _release(self.unauthenticated, addr)
+                    _release(self.unauthenticated, block)
                 await self.authenticated(conn, claims, extra)
             authenticated = True
             async for data in ws:

@@ -7,6 +7,7 @@ mention every setting of every section (and of ``[[auth.keys]]``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import socket
 import typing
@@ -62,10 +63,29 @@ def test_defaults_load_without_file_or_environment() -> None:
     assert c.auth.keys == ()
 
 
-def test_default_node_id_is_host_name_and_port() -> None:
-    assert config.load(None, env={}).node_id == f"{socket.gethostname()}-8765"
-    assert config.load(None, env={"CHATD_PORT": "9100"}).node_id == \
-        f"{socket.gethostname()}-9100"
+def test_the_default_node_id_is_stable_per_port_and_does_not_reveal_the_host_name(
+        tmp_path: Path) -> None:
+    env = {"CHATD_STATE_DIR": str(tmp_path)}
+    first = config.load(None, env=env).node_id
+    assert first == config.load(None, env=env).node_id
+    assert first != config.load(None, env={**env, "CHATD_PORT": "9100"}).node_id
+    assert first.startswith("node-") and socket.gethostname() not in first
+
+
+@pytest.mark.parametrize(("origin", "why"), [
+    ("https://Chat.example.com", "lower case"),
+    ("https://chat.example.com:443", "default port :443"),
+    ("http://chat.example.com:80", "default port :80"),
+    ("https://*.example.com", "wildcards"),
+    ("https://chat.example.com\n", "whitespace"),
+    ("https://chat.example.com/", "no path"),
+])
+def test_allowed_origins_that_can_never_match_are_refused_with_the_reason(
+        tmp_path: Path, origin: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=r"server\.allowed_origins\[1\]") as info:
+        load_text(tmp_path, "[server]\nallowed_origins = [\"https://ok.example.com\", "
+                            f"{json.dumps(origin)}]\n")
+    assert why in str(info.value)
 
 
 def test_default_state_dir_is_under_home(tmp_path: Path) -> None:

@@ -546,3 +546,20 @@ def test_bad_defence_settings_are_refused_naming_the_key(server: dict[str, Any],
     with pytest.raises(ConfigError) as info:
         config.load(None, env={}, overrides={"server": server})
     assert info.value.key == key
+
+
+async def test_unauthenticated_connections_are_counted_per_ipv6_64_like_the_accept_rate(
+        node_factory: NodeFactory) -> None:
+    node = await node_factory(server={"trusted_proxies": ["127.0.0.1/32"],
+                                      "max_unauthenticated_per_address": 2,
+                                      "accept_burst_per_address": 100})
+    url = f"ws://127.0.0.1:{node.port}/ws"
+    # One subscriber's /64 rotating the low bits must not get a fresh allowance each time.
+    held = [await Client.open(url, additional_headers={"X-Forwarded-For": f"2001:db8:1:2::{i}"})
+            for i in (1, 2)]
+    other_host = [("X-Forwarded-For", "2001:db8:1:2::99")]
+    assert (await exchange(node, request(extra=other_host))).status == 503
+    other_block = [("X-Forwarded-For", "2001:db8:1:3::1")]
+    assert (await exchange(node, request(extra=other_block))).status == 101
+    for client in held:
+        await client.close()
